@@ -1,0 +1,1 @@
+"""The neodragon library: models, flow engine, data, evaluation, training."""
