@@ -1,0 +1,707 @@
+"""Pyramidal MMDiT: Pyramid-Flow's SD3-based video diffusion transformer and Neodragon's pruned variant.
+
+One joint (text + video) transformer, SD3 "MMDiT" style, extended for pyramidal flow matching:
+
+* video latents [b, C, T, H, W] are patchified frame by frame (Conv2d, kernel = stride = patch_size);
+* space: a fixed 2-D sincos table (`pos_embed.pos_embed`, stored in the checkpoint), centre-cropped to
+  the current clip's patch grid; lower-resolution history clips get that same crop bilinearly resized
+  to their own grid (`interp_condition_pos`), so they line up spatially with the current frame;
+* time: 1-D RoPE on the frame index (theta 10000, full head dim, adjacent-pair rotation), applied to
+  q and k after the RMS qk-norm; frames are numbered over the clip list, oldest history frame 0;
+  text tokens have index 0 (identity rotation);
+* joint attention with the T5 padding mask and the temporal-causal mask: a token of frame k sees the
+  valid text and every token of frames <= k; valid text sees valid text and frame 0; padded text sees
+  padded text only (it can never influence a video token);
+* AdaLN-Zero modulation from temb = MLP(sinusoid(t)) + MLP(pooled CLIP embedding); the last block is
+  "context pre-only" (its text stream ends there);
+* only the current (last) clip of every column is unpatchified and returned.
+
+Attention is computed blockwise (`joint_attention`): one SDPA call for the text queries and one per
+frame, each over the prefix of keys that frame may see, with a key-padding mask for text only, so no
+dense (L+N)^2 mask is ever built. The block structure comes from tensor shapes alone (frames per
+clip), so one pyramid stage with a fixed (padded) history traces to one static graph.
+
+Two registered layouts share the code:
+
+* `mmdit/pyramid-flow` (`PyramidFlowMMDiT`): Pyramid-Flow `diffusion_transformer_{384p,768p}` folders,
+  config `_class_name` "PyramidDiffusionMMDiT"; has `context_embedder` (T5 width -> inner width).
+* `mmdit/neodragon` (`NeodragonMMDiT`): Neodragon `diffusion_transformer_320p[_multistep_t2v]`
+  folders, `_class_name` "PyramidMMDiT"; 18 blocks, no `context_embedder` (the ContextAdapter output,
+  already inner_dim wide, is fed directly).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from neodragon_cli.errors import CheckpointError, UsageError
+from neodragon_cli.pipelines.models.checkpoint import (
+    check_state_dict,
+    config_kwargs,
+    find_file,
+    read_config,
+    read_state_dict,
+    save_folder,
+)
+from neodragon_cli.registry import register
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_WEIGHTS_CANDIDATES = (WEIGHTS_NAME, "diffusion_pytorch_model.bin")
+ROPE_THETA = 10000.0
+TIMESTEP_CHANNELS = 256
+
+# ------------------------------------------------------------------------------------ positions
+
+
+def sincos_2d_table(dim: int, grid_size: int, base_size: int, interpolation_scale: float = 1.0) -> torch.Tensor:
+    """SD3 2-D sincos table [grid_size * grid_size, dim], rows in (h, w) row-major order.
+
+    Coordinates are `arange(grid_size) / (grid_size / base_size) / interpolation_scale`; the first half
+    of the channels encodes the w coordinate and the second half h, each as [sin | cos] with
+    omega_k = 10000^(-k / (dim / 4)). Values in [-1, 1].
+    """
+    if dim % 4:
+        raise UsageError(f"inner width {dim} must be divisible by 4 for the 2-D sincos table")
+    # float32 coordinates, float64 trigonometry: the published table was built that way
+    coords = (torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size) / interpolation_scale).double()
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    h = coords[:, None].expand(grid_size, grid_size).reshape(-1)
+    w = coords[None, :].expand(grid_size, grid_size).reshape(-1)
+    return torch.cat([encode(w), encode(h)], dim=1).float()
+
+
+def temporal_rope(frame_sizes: Sequence[int], head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the temporal RoPE angles of every video token, each [N, head_dim // 2] float32.
+
+    Frame f (0 = oldest history frame) of `frame_sizes[f]` tokens has angles f * theta^(-2k/head_dim).
+    """
+    frame_ids = torch.cat([torch.full((n,), float(f), dtype=torch.float64) for f, n in enumerate(frame_sizes)])
+    omega = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = (frame_ids[:, None] * omega[None]).to(device)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [b, N, heads, d] by per-token angles (cos/sin [N, d/2]).
+
+    (x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1), computed in float32, returned in x's dtype.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+def joint_attention_mask(text_valid: torch.Tensor, frame_sizes: Sequence[int], causal: bool = True) -> torch.Tensor:
+    """The dense boolean mask [b, 1, L+N, L+N] (True = may attend) of the reference implementation.
+
+    Tokens are text (L) then video frames in order. Token ids: padded text 0, everything else 1
+    (same id may attend); with `causal`, also order_query >= order_key where text has order 0 and a
+    video token its frame index. `joint_attention` computes the same attention without this mask;
+    this function is the specification it is tested and benchmarked against.
+    """
+    b = text_valid.shape[0]
+    n = sum(frame_sizes)
+    ids = torch.cat([text_valid.long(), text_valid.new_ones(b, n, dtype=torch.long)], dim=1)
+    mask = ids[:, :, None] == ids[:, None, :]
+    if causal:
+        order = torch.cat(
+            [torch.zeros(text_valid.shape[1], dtype=torch.long)]
+            + [torch.full((size,), f, dtype=torch.long) for f, size in enumerate(frame_sizes)]
+        ).to(text_valid.device)
+        mask = mask & (order[:, None] >= order[None, :])
+    return mask[:, None]
+
+
+def joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_valid: torch.Tensor,
+    frame_sizes: Sequence[int],
+    causal: bool = True,
+) -> torch.Tensor:
+    """Masked joint attention computed block by block; equals SDPA with `joint_attention_mask`.
+
+    q, k, v: [b, heads, L + N, d] with the L text tokens first, then the video tokens frame by
+    frame (`frame_sizes[f]` tokens in frame f, N = sum). text_valid: [b, L] bool (T5 mask).
+    Returns [b, heads, L + N, d].
+
+    Causal: the text queries attend over [text, frame 0] with an [L, L + n_0] mask (valid -> valid
+    text and frame 0, padded -> padded text); the queries of frame f attend over the key prefix
+    [text, frames 0..f] with a key-padding mask on the text. Without `causal` every query sees the
+    whole sequence (minus the padding rules) and the video queries form one group.
+    """
+    batch, length = text_valid.shape
+    ends = [length + e for e in itertools.accumulate(frame_sizes)]
+    starts = [length] + ends[:-1]
+    total = ends[-1]
+
+    text_keys = ends[0] if causal else total
+    same_status = text_valid[:, :, None] == text_valid[:, None, :]
+    sees_video = text_valid[:, :, None].expand(batch, length, text_keys - length)
+    text_mask = torch.cat([same_status, sees_video], dim=2)[:, None]
+    outputs = [F.scaled_dot_product_attention(q[:, :, :length], k[:, :, :text_keys], v[:, :, :text_keys], attn_mask=text_mask)]
+
+    key_valid = torch.cat([text_valid, text_valid.new_ones(batch, total - length)], dim=1)[:, None, None]
+    groups = zip(starts, ends) if causal else [(length, total)]
+    for start, end in groups:
+        outputs.append(
+            F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=key_valid[..., :end])
+        )
+    return torch.cat(outputs, dim=2)
+
+
+# ------------------------------------------------------------------------------------ layers
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _layer_norm(x) * (1 + scale) + shift
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a learned weight (qk-norm of each head, eps 1e-5)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(variance + self.eps) * self.weight).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (timestep and pooled-text embedders)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def timestep_sinusoid(t: torch.Tensor, channels: int = TIMESTEP_CHANNELS) -> torch.Tensor:
+    """[cos | sin] embedding [B, channels] of timesteps t [B] (0..1000 scale), max period 10000."""
+    half = channels // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t[:, None].float() * torch.exp(exponent)[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepTextEmbedding(nn.Module):
+    """temb [B, D] = MLP(sinusoid_256(t)) + MLP(pooled); t [B] on the 0..1000 scale."""
+
+    def __init__(self, dim: int, pooled_dim: int):
+        super().__init__()
+        self.timestep_embedder = MLP(TIMESTEP_CHANNELS, dim)
+        self.text_embedder = MLP(pooled_dim, dim)
+
+    def forward(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.timestep_embedder(timestep_sinusoid(t).to(pooled.dtype)) + self.text_embedder(pooled)
+
+
+class AdaLayerNormZero(nn.Module):
+    """SiLU -> Linear(D, 6D) -> (shift, scale, gate) for attention and MLP; LayerNorm without affine."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(F.silu(temb))[:, None].chunk(6, dim=-1)
+        return _modulate(x, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """SiLU -> Linear(D, 2D) -> (scale, shift) (this chunk order); LayerNorm without affine."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb).to(x.dtype))[:, None].chunk(2, dim=-1)
+        return _modulate(x, shift, scale)
+
+
+class GeluTanhProjection(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Linear(D, 4D) -> GELU(tanh) -> Linear(4D, D); keys `net.0.proj`, `net.2` as published."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # slot 1 held a Dropout(0) in the published module; Identity keeps the key indices
+        self.net = nn.Sequential(GeluTanhProjection(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class JointAttention(nn.Module):
+    """Joint attention over [text ; video] with per-head RMS qk-norm and temporal RoPE.
+
+    Video x [b, N, D] and text c [b, L, D] have their own q/k/v and output projections (the text
+    output projection `to_add_out` is absent in a context-pre-only block).
+    """
+
+    def __init__(self, dim: int, heads: int, context_pre_only: bool, causal: bool):
+        super().__init__()
+        self.heads = heads
+        self.causal = causal
+        self.context_pre_only = context_pre_only
+        head_dim = dim // heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k, self.norm_add_q, self.norm_add_k = (RMSNorm(head_dim) for _ in range(4))
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # published key: to_out.0
+        if not context_pre_only:
+            self.to_add_out = nn.Linear(dim, dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1))  # [b, n, heads, d]
+
+    def forward(self, x, c, text_valid, rope, frame_sizes):
+        cos, sin = rope
+        q = apply_rope(self.norm_q(self._split_heads(self.to_q(x))), cos, sin)
+        k = apply_rope(self.norm_k(self._split_heads(self.to_k(x))), cos, sin)
+        v = self._split_heads(self.to_v(x))
+        cq = self.norm_add_q(self._split_heads(self.add_q_proj(c)))
+        ck = self.norm_add_k(self._split_heads(self.add_k_proj(c)))
+        cv = self._split_heads(self.add_v_proj(c))
+
+        q, k, v = (torch.cat(pair, dim=1).transpose(1, 2) for pair in ((cq, q), (ck, k), (cv, v)))
+        out = joint_attention(q, k, v, text_valid, frame_sizes, self.causal).transpose(1, 2).flatten(2)
+        text_len = c.shape[1]
+        c_out, x_out = out[:, :text_len], out[:, text_len:]
+        x_out = self.to_out[0](x_out)
+        return x_out, (c_out if self.context_pre_only else self.to_add_out(c_out))
+
+
+class JointTransformerBlock(nn.Module):
+    """SD3 MMDiT block with AdaLN-Zero on both streams; the last block is context-pre-only
+    (AdaLayerNormContinuous on the text, no text output)."""
+
+    def __init__(self, dim: int, heads: int, context_pre_only: bool, causal: bool):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.norm1 = AdaLayerNormZero(dim)
+        self.norm1_context = AdaLayerNormContinuous(dim) if context_pre_only else AdaLayerNormZero(dim)
+        self.attn = JointAttention(dim, heads, context_pre_only, causal)
+        self.ff = FeedForward(dim)
+        if not context_pre_only:
+            self.ff_context = FeedForward(dim)
+
+    def forward(self, x, c, temb, text_valid, rope, frame_sizes):
+        """x [b, N, D] video, c [b, L, D] text, temb [b, D] -> (x, c or None)."""
+        x_n, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, temb)
+        if self.context_pre_only:
+            c_n = self.norm1_context(c, temb)
+        else:
+            c_n, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(c, temb)
+
+        attn_x, attn_c = self.attn(x_n, c_n, text_valid, rope, frame_sizes)
+        x = x + gate_msa * attn_x
+        x = x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp))
+        if self.context_pre_only:
+            return x, None
+        c = c + c_gate_msa * attn_c
+        c = c + c_gate_mlp * self.ff_context(_modulate(c, c_shift_mlp, c_scale_mlp))
+        return x, c
+
+
+class PatchEmbed3D(nn.Module):
+    """Per-frame patchify plus the 2-D sincos position embedding (`pos_embed.*` keys).
+
+    `pos_embed` is the persistent [1, G*G, D] table (G = pos_embed_max_size, coordinates scaled to
+    base_size = sample_size // patch_size).
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, max_size: int, base_size: int, interp_condition_pos: bool):
+        super().__init__()
+        self.patch_size = patch_size
+        self.max_size = max_size
+        self.interp_condition_pos = interp_condition_pos
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_2d_table(dim, max_size, base_size)[None], persistent=True)
+
+    def _positions(self, grid: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
+        """[h*w, D] positions of a clip with patch grid `grid`, from the centre crop of size `crop`."""
+        top, left = (self.max_size - crop[0]) // 2, (self.max_size - crop[1]) // 2
+        table = self.pos_embed.reshape(self.max_size, self.max_size, -1)[top : top + crop[0], left : left + crop[1]]
+        if grid != crop:
+            table = F.interpolate(table.permute(2, 0, 1)[None], size=grid, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+        return table.reshape(grid[0] * grid[1], -1)
+
+    def forward(self, clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """clips [b, C, T_i, H_i, W_i] oldest first -> (tokens [b, N, D] in clip, t, h, w order,
+        tokens per frame)."""
+        p = self.patch_size
+        current = (clips[-1].shape[-2] // p, clips[-1].shape[-1] // p)
+        tokens, frame_sizes = [], []
+        for clip in clips:
+            b, _, t, height, width = clip.shape
+            grid = (height // p, width // p)
+            x = self.proj(clip.transpose(1, 2).flatten(0, 1)).flatten(2).transpose(1, 2)  # [b*t, h*w, D]
+            pos = self._positions(grid, current if self.interp_condition_pos else grid)
+            tokens.append((x + pos).to(x.dtype).reshape(b, t * grid[0] * grid[1], -1))
+            frame_sizes += [grid[0] * grid[1]] * t
+        return torch.cat(tokens, dim=1), frame_sizes
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def _arguments(frame_locals: dict) -> dict:
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
+def _config_class_name(path: Path) -> str | None:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise UsageError(f"unknown dtype '{dtype}'", hint="use e.g. float32, bfloat16, float16")
+    return resolved
+
+
+@register(
+    "mmdit",
+    "pyramid-flow",
+    description="Pyramid-Flow SD3 MMDiT (diffusion_transformer_384p/768p folders), temporal-pyramid AR",
+    detect=lambda path: _config_class_name(path) == "PyramidDiffusionMMDiT",
+)
+class PyramidFlowMMDiT(nn.Module):
+    """Pyramid-Flow's pyramidal MMDiT. Constructor arguments are the config.json fields.
+
+    Defaults are the *effective* published 2B model (the 384p/768p config plus the flags the
+    reference pipeline passes at load time); `PRESETS` names the real sizes. Supported layout:
+    pos_embed_type "sincos", temp_pos_embed_type "rope" with add_temp_pos_embed, qk_norm "rms_norm".
+    `use_flash_attn` and `use_t5_mask` are accepted for config compatibility: attention always takes
+    the blockwise SDPA path with the T5 mask. `use_temporal_causal` and `interp_condition_pos` switch
+    the mask and the history positions as in the reference. With `use_gradient_checkpointing`, blocks
+    from index int(num_layers * gradient_checkpointing_ratio) on are recomputed in backward.
+    """
+
+    PUBLISHED_CLASS_NAME = "PyramidDiffusionMMDiT"
+    has_context_embedder = True
+    # what the reference's build_pyramid_dit passes on top of config.json
+    RUNTIME_FLAGS = dict(
+        use_t5_mask=True,
+        add_temp_pos_embed=True,
+        temp_pos_embed_type="rope",
+        use_temporal_causal=True,
+        interp_condition_pos=True,
+        use_flash_attn=False,
+    )
+
+    def __init__(
+        self,
+        sample_size: int = 128,
+        patch_size: int = 2,
+        in_channels: int = 16,
+        num_layers: int = 24,
+        attention_head_dim: int = 64,
+        num_attention_heads: int = 24,
+        caption_projection_dim: int = 1536,
+        pooled_projection_dim: int = 2048,
+        pos_embed_max_size: int = 192,
+        max_num_frames: int = 200,
+        qk_norm: str = "rms_norm",
+        pos_embed_type: str = "sincos",
+        temp_pos_embed_type: str = "rope",
+        joint_attention_dim: int = 4096,
+        use_gradient_checkpointing: bool = False,
+        use_flash_attn: bool = False,
+        use_temporal_causal: bool = True,
+        use_t5_mask: bool = True,
+        add_temp_pos_embed: bool = True,
+        interp_condition_pos: bool = True,
+        gradient_checkpointing_ratio: float = 0.6,
+    ):
+        super().__init__()
+        self.config = _arguments(locals())
+        self._build(self.config)
+
+    def _build(self, cfg: dict) -> None:
+        heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+        dim = heads * head_dim
+        problems = []
+        if cfg["pos_embed_type"] != "sincos":
+            problems.append(f"pos_embed_type '{cfg['pos_embed_type']}' (only 'sincos' works for video)")
+        if cfg["temp_pos_embed_type"] != "rope" or not cfg["add_temp_pos_embed"]:
+            problems.append("temporal positions other than temp_pos_embed_type='rope' with add_temp_pos_embed=True")
+        if cfg["qk_norm"] != "rms_norm":
+            problems.append(f"qk_norm '{cfg['qk_norm']}'")
+        if self.has_context_embedder and cfg["caption_projection_dim"] != dim:
+            problems.append(f"caption_projection_dim {cfg['caption_projection_dim']} != heads * head_dim = {dim}")
+        if head_dim % 2:
+            problems.append(f"odd attention_head_dim {head_dim} (RoPE rotates pairs)")
+        if problems:
+            raise UsageError("unsupported MMDiT config: " + "; ".join(problems))
+
+        self.inner_dim, self.head_dim = dim, head_dim
+        self.patch_size = cfg["patch_size"]
+        self.out_channels = cfg["in_channels"]
+        self.gradient_checkpointing = cfg["use_gradient_checkpointing"]
+        self.gradient_checkpointing_ratio = cfg["gradient_checkpointing_ratio"]
+        # published key name: the patch embedding is called pos_embed (SD3 heritage)
+        self.pos_embed = PatchEmbed3D(
+            cfg["in_channels"], dim, self.patch_size, cfg["pos_embed_max_size"],
+            cfg["sample_size"] // self.patch_size, cfg["interp_condition_pos"],
+        )
+        self.time_text_embed = TimestepTextEmbedding(dim, cfg["pooled_projection_dim"])
+        if self.has_context_embedder:
+            self.context_embedder = nn.Linear(cfg["joint_attention_dim"], dim)
+        layers = cfg["num_layers"]
+        self.transformer_blocks = nn.ModuleList(
+            JointTransformerBlock(dim, heads, context_pre_only=i == layers - 1, causal=cfg["use_temporal_causal"])
+            for i in range(layers)
+        )
+        self.norm_out = AdaLayerNormContinuous(dim)
+        self.proj_out = nn.Linear(dim, self.patch_size**2 * self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Training-from-scratch init: xavier-uniform linears/conv with zero bias, N(0, 0.02) for the
+        conditioning embedders, and zeroed AdaLN modulations, norm_out and proj_out (AdaLN-Zero:
+        every block starts as the identity and the model outputs 0)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # the patch conv is initialised like a Linear over its flattened kernel
+        nn.init.xavier_uniform_(self.pos_embed.proj.weight.view(self.inner_dim, -1))
+        embedders = [self.time_text_embed.timestep_embedder, self.time_text_embed.text_embedder]
+        for linear in [m for e in embedders for m in (e.linear_1, e.linear_2)] + (
+            [self.context_embedder] if self.has_context_embedder else []
+        ):
+            nn.init.normal_(linear.weight, std=0.02)
+        zeroed = [b.norm1.linear for b in self.transformer_blocks] + [b.norm1_context.linear for b in self.transformer_blocks]
+        for linear in zeroed + [self.norm_out.linear, self.proj_out]:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        sample: Sequence,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        pooled_projections: torch.Tensor,
+        timestep_ratio: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """Velocity of the current clip of every column (the reference call convention).
+
+        sample: S columns (pyramid stages of a training batch; one column at inference). Column s is
+            a list of clips [hist_oldest, ..., hist_newest, current], each [b, C, T_i, H_i, W_i]
+            (C = in_channels latent channels, H_i/W_i latent pixels divisible by patch_size, history
+            never larger than the current clip); a bare tensor is a one-clip column. Every column has
+            the same batch b; frames are numbered over the list, oldest 0.
+        encoder_hidden_states: [b*S, L, joint_attention_dim] T5 embeddings (Pyramid-Flow), or
+            [b*S, L, inner_dim] ContextAdapter output (Neodragon, no context_embedder).
+        encoder_attention_mask: [b*S, L] int/bool, 1 = valid token (None: all valid).
+        pooled_projections: [b*S, pooled_projection_dim] pooled CLIP embeddings.
+        timestep_ratio: [b*S] (or a scalar) timesteps on the global 0..1000 scale.
+        Rows of the text/timestep tensors are interleaved: row = b_index * S + s.
+
+        Returns S tensors [b, C, T_cur, H_cur, W_cur]: the prediction for each column's last clip
+        (history positions are not returned). Columns never attend to each other.
+        """
+        columns = [list(c) if isinstance(c, (list, tuple)) else [c] for c in sample]
+        rows = encoder_hidden_states.shape[0]
+        self._check_inputs(columns, encoder_hidden_states, rows)
+        t = torch.as_tensor(timestep_ratio, device=encoder_hidden_states.device)
+        temb = self.time_text_embed(t.expand(rows) if t.ndim == 0 else t, pooled_projections)
+        text = self.context_embedder(encoder_hidden_states) if self.has_context_embedder else encoder_hidden_states
+        if encoder_attention_mask is None:
+            text_valid = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        else:
+            text_valid = encoder_attention_mask.to(text.device).bool()
+        stride = len(columns)
+        return [
+            self.forward_column(clips, text[s::stride], text_valid[s::stride], temb[s::stride])
+            for s, clips in enumerate(columns)
+        ]
+
+    def forward_column(self, clips, text, text_valid, temb) -> torch.Tensor:
+        """One column: clips as in `forward`, text [b, L, D] (already embedded), text_valid [b, L]
+        bool, temb [b, D] -> [b, C, T_cur, H_cur, W_cur]. This is one pyramid stage's whole graph."""
+        x, frame_sizes = self.pos_embed(clips)
+        rope = temporal_rope(frame_sizes, self.head_dim, device=x.device)
+        checkpoint_from = int(len(self.transformer_blocks) * self.gradient_checkpointing_ratio)
+        for i, block in enumerate(self.transformer_blocks):
+            if self.training and self.gradient_checkpointing and i >= checkpoint_from:
+                x, text = checkpoint(block, x, text, temb, text_valid, rope, frame_sizes, use_reentrant=False)
+            else:
+                x, text = block(x, text, temb, text_valid, rope, frame_sizes)
+        x = self.proj_out(self.norm_out(x, temb))
+        return self._unpatchify(x, clips[-1].shape)
+
+    def _unpatchify(self, x: torch.Tensor, shape) -> torch.Tensor:
+        """Last T*h*w tokens of x [b, N, p*p*C] (features in (p1, p2, c) order) -> [b, C, T, H, W]."""
+        b, _, t, height, width = shape
+        p, h, w = self.patch_size, height // self.patch_size, width // self.patch_size
+        x = x[:, x.shape[1] - t * h * w :].reshape(b, t, h, w, p, p, self.out_channels)
+        return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, t, h * p, w * p)
+
+    def _check_inputs(self, columns, encoder_hidden_states, rows) -> None:
+        p = self.patch_size
+        if not columns or rows % len(columns):
+            raise UsageError(f"{rows} text rows cannot be split over {len(columns)} columns")
+        batch = rows // len(columns)
+        for s, clips in enumerate(columns):
+            if not clips or clips[-1].ndim != 5:
+                raise UsageError(f"sample[{s}] must be a non-empty list of [b, C, T, H, W] clips")
+            current = clips[-1].shape[-2:]
+            for i, clip in enumerate(clips):
+                where = f"sample[{s}][{i}]"
+                if clip.ndim != 5 or clip.shape[0] != batch or clip.shape[1] != self.out_channels:
+                    raise UsageError(f"{where} has shape {tuple(clip.shape)}; expected [{batch}, {self.out_channels}, T, H, W]")
+                if clip.shape[-2] % p or clip.shape[-1] % p:
+                    raise UsageError(f"{where}: H and W must be multiples of patch_size {p}, got {tuple(clip.shape[-2:])}")
+                if clip.shape[-2] > current[0] or clip.shape[-1] > current[1]:
+                    raise UsageError(f"{where} is larger than the current clip {tuple(current)}")
+            if max(current) // p > self.pos_embed.max_size:
+                raise UsageError(f"column {s}: latent {tuple(current)} exceeds the position table ({self.pos_embed.max_size} patches)")
+        width = self.context_embedder.in_features if self.has_context_embedder else self.inner_dim
+        if encoder_hidden_states.shape[-1] != width:
+            raise UsageError(f"encoder_hidden_states width {encoder_hidden_states.shape[-1]} != {width} expected by this MMDiT")
+
+    # ---------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def config_fields(cls) -> list[str]:
+        return [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=torch.float32, **overrides):
+        """Load a published folder (config.json + diffusion_pytorch_model.safetensors).
+
+        The reference pipeline's load-time flags (`RUNTIME_FLAGS`) are applied over config.json,
+        then `overrides`. The model is built on the meta device and the weights are assigned after
+        the keys and shapes were checked, so nothing is initialised twice and a mismatching folder
+        fails as a whole. `dtype` (None keeps the stored dtype) defaults to float32.
+        """
+        folder = Path(path)
+        fields = cls.config_fields()
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise UsageError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}", hint=f"known: {', '.join(fields)}")
+        kwargs = {**config_kwargs(read_config(folder), set(fields)), **cls.RUNTIME_FLAGS, **overrides}
+        try:
+            with torch.device("meta"):
+                model = cls(**kwargs)
+        except UsageError as exc:
+            raise CheckpointError(f"{folder / 'config.json'}: {exc.message}") from None
+        weights = find_file(folder, _WEIGHTS_CANDIDATES)
+        state = read_state_dict(weights)
+        check_state_dict(model, state, source=str(weights))
+        model.load_state_dict(state, strict=True, assign=True)
+        dtype = _resolve_dtype(dtype)
+        return model.to(dtype) if dtype is not None else model
+
+    def save_pretrained(self, path) -> None:
+        """Write config.json (published `_class_name` + constructor arguments) and the safetensors."""
+        config = {"_class_name": self.PUBLISHED_CLASS_NAME, **self.config}
+        save_folder(path, config, self.state_dict(), WEIGHTS_NAME)
+
+
+@register(
+    "mmdit",
+    "neodragon",
+    description="Neodragon pruned MMDiT (diffusion_transformer_320p folders), no context_embedder",
+    detect=lambda path: _config_class_name(path) == "PyramidMMDiT",
+)
+class NeodragonMMDiT(PyramidFlowMMDiT):
+    """Neodragon's pruned pyramidal MMDiT: 18 blocks and no `context_embedder`; the caller feeds
+    inner_dim-wide text tokens (the ContextAdapter output). `joint_attention_dim`,
+    `caption_projection_dim`, `use_t5_mask` and `max_num_frames` are kept for config compatibility.
+    The defaults are the published ones, which already equal the reference's runtime flags."""
+
+    PUBLISHED_CLASS_NAME = "PyramidMMDiT"
+    has_context_embedder = False
+    RUNTIME_FLAGS = {}
+
+    def __init__(
+        self,
+        sample_size: int = 128,
+        patch_size: int = 2,
+        in_channels: int = 16,
+        num_layers: int = 18,
+        attention_head_dim: int = 64,
+        num_attention_heads: int = 24,
+        caption_projection_dim: int = 1536,
+        pooled_projection_dim: int = 2048,
+        pos_embed_max_size: int = 192,
+        max_num_frames: int = 200,
+        qk_norm: str = "rms_norm",
+        pos_embed_type: str = "sincos",
+        temp_pos_embed_type: str = "rope",
+        joint_attention_dim: int = 4096,
+        use_gradient_checkpointing: bool = False,
+        use_temporal_causal: bool = True,
+        use_t5_mask: bool = True,
+        add_temp_pos_embed: bool = True,
+        interp_condition_pos: bool = True,
+        gradient_checkpointing_ratio: float = 0.6,
+    ):
+        nn.Module.__init__(self)  # the parent's __init__ would record its own config
+        self.config = _arguments(locals())
+        self._build(self.config)
+
+
+# Real sizes (class, overrides of its defaults): the defaults are the published models.
+PRESETS: dict[str, tuple[type[PyramidFlowMMDiT], dict]] = {
+    "pyramid-flow-sd3-2b": (PyramidFlowMMDiT, {}),
+    "neodragon-18": (NeodragonMMDiT, {}),
+}
+
+
+def mmdit_from_preset(name: str, **overrides) -> PyramidFlowMMDiT:
+    """A freshly initialised model of a named size (wrap in `torch.device("meta")` to skip memory)."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown MMDiT preset '{name}'", hint=f"known: {', '.join(PRESETS)}")
+    cls, kwargs = PRESETS[name]
+    return cls(**{**kwargs, **overrides})
