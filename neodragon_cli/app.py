@@ -34,7 +34,7 @@ class _Group(TyperGroup):
                 raise
             console.print(f"[bold red]error:[/] {exc.one_line()}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+        except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
