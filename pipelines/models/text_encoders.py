@@ -421,10 +421,12 @@ def load_tokenizer(folder: str | Path):
 
 
 def train_t5_tokenizer(
-    texts: Sequence[str], folder: str | Path, vocab_size: int, *, extra_ids: int = T5_EXTRA_IDS
+    texts: Sequence[str], folder: str | Path, vocab_size: int, *, extra_ids: int = T5_EXTRA_IDS,
+    model_max_length: int = T5_MAX_LENGTH, **sentencepiece_options,
 ):
     """Train a unigram sentencepiece model on `texts` with T5's special ids (pad 0, eos 1, unk 2, no
-    bos), save it as a T5 tokenizer folder and return the tokenizer. Deterministic for fixed input."""
+    bos), save it as a T5 tokenizer folder and return the tokenizer. Deterministic for fixed input.
+    `sentencepiece_options` go to the trainer (e.g. normalization_rule_name="nmt_nfkc_cf")."""
     import sentencepiece as spm
 
     folder = Path(folder)
@@ -443,10 +445,13 @@ def train_t5_tokenizer(
         unk_piece="<unk>",
         hard_vocab_limit=False,
         num_threads=1,
+        shuffle_input_sentence=False,
         minloglevel=2,
+        **sentencepiece_options,
     )
     (folder / "spiece.vocab").unlink(missing_ok=True)
-    tokenizer = t5_tokenizer_class()(vocab_file=str(folder / "spiece.model"), extra_ids=extra_ids)
+    tokenizer = t5_tokenizer_class()(vocab_file=str(folder / "spiece.model"), extra_ids=extra_ids,
+                                     model_max_length=model_max_length)
     tokenizer.save_pretrained(str(folder))
     return tokenizer
 

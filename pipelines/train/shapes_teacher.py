@@ -1,0 +1,450 @@
+"""Training the Shapes-world teacher: the real architectures at small widths, on two CPU cores.
+
+Stage 1 (`train-vae`): the Pyramid-Flow causal video VAE (8x8x8, 16 latent channels) learns to
+reconstruct Shapes clips. 3-D convolutions are only fast on this kind of CPU in bf16 with the
+channels-last-3d layout (oneDNN/AMX), so training runs under bf16 autocast on random crops of short
+clips; the VAE is fully convolutional and causal, so it then encodes whole 49-frame videos. The latent
+normalisation factors (frame 0 vs later frames, as Pyramid-Flow has) are measured on encoded videos.
+
+Stage 2 (`train-t2v`): a small T5 encoder (sentencepiece tokenizer trained on the caption grammar),
+a small CLIP-style pooled encoder and the pyramidal MMDiT are trained together with the pyramidal
+flow-matching loss with temporal pyramid (`pipelines/flow/losses.py`) on pre-encoded latents of
+rendered videos. Every step draws a fresh caption of the video's scene (synonyms, omitted parts).
+The result is a pipeline folder (`pipeline.json` layout) that `neodragon generate --model` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from neodragon_cli.artifacts import ArtifactWriter
+from neodragon_cli.atomic import save_safetensors, write_json
+from neodragon_cli.console import console, progress
+from neodragon_cli.errors import UsageError
+from neodragon_cli.pipelines.data.shapes import ShapesVideoDataset, ShapesWorld, caption
+from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
+from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
+from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
+from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
+from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed
+from neodragon_cli.recipes import recipe_schema
+
+
+def _doc(default, text: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class WorldSection:
+    height: int = _doc(128, "canvas height (multiple of 64)")
+    width: int = _doc(128, "canvas width (multiple of 64)")
+    frames: int = _doc(49, "frames per video (1 + 8k)")
+    split: str = _doc("train", "scene split the training data comes from")
+    seed: int = _doc(0, "data seed (video i is a pure function of (seed, i))")
+
+    def validate(self) -> list[str]:
+        problems = [f"{k} must be a multiple of 64" for k in ("height", "width") if getattr(self, k) % 64]
+        if (self.frames - 1) % 8:
+            problems.append("frames must be of the form 1 + 8k")
+        return problems
+
+    def world(self) -> ShapesWorld:
+        return ShapesWorld(height=self.height, width=self.width, frames=self.frames)
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+
+@dataclass
+class VAEModelSection:
+    block_out_channels: list[int] = _doc([16, 32, 64, 64], "widths of the four encoder/decoder levels")
+    layers_per_block: list[int] = _doc([1, 1, 1, 1], "resnet blocks per level")
+    norm_num_groups: int = _doc(8, "GroupNorm groups (must divide every width)")
+
+    def build(self) -> CausalVideoVAE:
+        return CausalVideoVAE(
+            encoder_block_out_channels=tuple(self.block_out_channels), decoder_block_out_channels=tuple(self.block_out_channels),
+            encoder_layers_per_block=tuple(self.layers_per_block), decoder_layers_per_block=tuple(self.layers_per_block),
+            encoder_norm_num_groups=self.norm_num_groups, decoder_norm_num_groups=self.norm_num_groups,
+            sample_size=128,
+        )
+
+
+@dataclass
+class VAELossSection:
+    l1: float = _doc(1.0, "weight of the L1 reconstruction loss")
+    mse: float = _doc(1.0, "weight of the MSE reconstruction loss")
+    kl: float = _doc(1e-6, "weight of the KL term (per element)")
+    sample_posterior: bool = _doc(False, "decode a posterior sample (true) or its mean (false: steadier on CPU budgets)")
+
+
+@dataclass
+class VAEDataSection:
+    clip_frames: int = _doc(9, "frames per training clip (1 + 8k)")
+    crop: int = _doc(64, "square random crop (pixels, multiple of 8)")
+    norm_videos: int = _doc(32, "whole videos encoded to measure the latent normalisation")
+
+
+@recipe_schema("train-vae")
+@dataclass
+class TrainVAERecipe:
+    """Stage 1 of the Shapes teacher: the causal video VAE."""
+
+    world: WorldSection = field(default_factory=WorldSection, metadata={"doc": "the Shapes world"})
+    data: VAEDataSection = field(default_factory=VAEDataSection, metadata={"doc": "training clips"})
+    model: VAEModelSection = field(default_factory=VAEModelSection, metadata={"doc": "VAE widths"})
+    loss: VAELossSection = field(default_factory=VAELossSection, metadata={"doc": "loss weights"})
+    train: TrainerConfig = field(default_factory=TrainerConfig, metadata={"doc": "the trainer"})
+
+    def validate(self) -> list[str]:
+        problems = []
+        if (self.data.clip_frames - 1) % 8 or self.data.clip_frames > self.world.frames:
+            problems.append("data.clip_frames must be 1 + 8k and at most world.frames")
+        if self.data.crop % 8 or not 8 <= self.data.crop <= min(self.world.height, self.world.width):
+            problems.append("data.crop must be a multiple of 8 within the canvas")
+        if any(c % self.model.norm_num_groups for c in self.model.block_out_channels):
+            problems.append("model.norm_num_groups must divide every block_out_channels entry")
+        return problems
+
+
+def _clip_sampler(recipe: TrainVAERecipe):
+    dataset = ShapesVideoDataset(recipe.world.world(), length=10**9, seed=recipe.world.seed, split=recipe.world.split)
+    t, c = recipe.data.clip_frames, recipe.data.crop
+
+    def sample(index: int) -> torch.Tensor:
+        video, _ = dataset[index]
+        rng = np.random.default_rng((recipe.world.seed, index, 1))
+        t0 = int(rng.integers(0, video.shape[1] - t + 1))
+        y0 = int(rng.integers(0, video.shape[2] - c + 1)) // 8 * 8
+        x0 = int(rng.integers(0, video.shape[3] - c + 1)) // 8 * 8
+        return video[:, t0 : t0 + t, y0 : y0 + c, x0 : x0 + c]
+
+    return sample
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def vae_loss(weights: VAELossSection):
+    def loss_fn(vae: CausalVideoVAE, clips: torch.Tensor, generator: torch.Generator):
+        clips = _channels_last(clips)
+        posterior = vae.encode(clips)
+        latents = posterior.sample(generator) if weights.sample_posterior else posterior.mode()
+        recon = vae.decode(latents).float()
+        l1 = (recon - clips).abs().mean()
+        mse = ((recon - clips) ** 2).mean()
+        kl = posterior.kl().mean() / clips[0].numel()
+        loss = weights.l1 * l1 + weights.mse * mse + weights.kl * kl
+        return loss, {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+
+    return loss_fn
+
+
+@torch.no_grad()
+def encode_videos(vae: CausalVideoVAE, videos: torch.Tensor) -> torch.Tensor:
+    """Posterior means of float videos [B, 3, T, H, W] in [-1, 1] (bf16 convolutions, fp32 out)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return vae.encode(_channels_last(videos)).mean.float()
+
+
+def measure_latent_norm(vae: CausalVideoVAE, world: WorldSection, count: int) -> LatentNorm:
+    """Shift/scale giving zero-mean unit-variance latents, separately for frame 0 and later frames."""
+    dataset = ShapesVideoDataset(world.world(), length=count, seed=world.seed + 7_777, split=world.split)
+    latents = torch.cat([encode_videos(vae, dataset[i][0][None]) for i in range(count)])
+    image, video = latents[:, :, :1], latents[:, :, 1:]
+    return LatentNorm(
+        image_shift=float(image.mean()), image_scale=float(1 / image.std()),
+        video_shift=float(video.mean()), video_scale=float(1 / video.std()),
+    )
+
+
+def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> Path:
+    """Train, then write the artifact `out/` (vae/ folder + latent_norm.json)."""
+    work = out.with_name(out.name + ".work")
+    vae = recipe.model.build().to(memory_format=torch.channels_last_3d)
+    sample = _clip_sampler(recipe)
+    trainer = Trainer(
+        vae, vae_loss(recipe.loss), lambda positions: torch.stack([sample(i) for i in positions]),
+        recipe.train, work, resume=resume,
+    )
+    result = trainer.fit()
+    if result.stopped:
+        console.print(f"stopped at step {result.step}; continue with --resume (checkpoints in {work})")
+        raise SystemExit(0)
+    vae = trainer.model.eval().to(memory_format=torch.contiguous_format)
+    norm = measure_latent_norm(vae, recipe.world, recipe.data.norm_videos)
+    with ArtifactWriter(out, command="train-vae", recipe_yaml=recipe_yaml, overwrite=overwrite) as art:
+        vae.save_pretrained(art.path / "vae")
+        write_json(art.path / "latent_norm.json", dataclasses.asdict(norm))
+        _copy_metrics(work, art)
+        art.record("train-vae", steps=result.step, latent_norm=dataclasses.asdict(norm))
+    return out
+
+
+def _copy_metrics(work: Path, art: ArtifactWriter) -> None:
+    metrics = work / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            art.log_metrics(json.loads(line))
+
+
+# ---------------------------------------------------------------------------------------------- T2V
+
+
+@dataclass
+class TextSection:
+    vocab_size: int = _doc(256, "sentencepiece vocabulary (the grammar supports fewer; capped by the trainer)")
+    max_length: int = _doc(32, "T5 tokens per prompt (padded)")
+    t5_width: int = _doc(128, "small T5: d_model")
+    t5_layers: int = _doc(2, "small T5: encoder layers")
+    t5_heads: int = _doc(4, "small T5: attention heads")
+    clip_width: int = _doc(128, "small CLIP: hidden size")
+    clip_layers: int = _doc(2, "small CLIP: layers")
+    clip_heads: int = _doc(4, "small CLIP: attention heads")
+    pooled_dim: int = _doc(64, "small CLIP: projection (pooled) size")
+
+
+@dataclass
+class MMDiTSection:
+    num_layers: int = _doc(6, "joint transformer blocks")
+    num_attention_heads: int = _doc(6, "heads")
+    attention_head_dim: int = _doc(32, "head width (inner width = heads x head width)")
+
+
+@dataclass
+class FlowSection:
+    sample_ratios: list[int] = _doc([1, 2, 1], "columns per pyramid stage (low, mid, high) in a batch")
+    text_dropout: float = _doc(0.1, "fraction of prompts replaced by the empty prompt (for CFG)")
+    corrupt_ratio: float = _doc(1 / 3, "history corruption c ~ U(0, corrupt_ratio)")
+
+
+@dataclass
+class T2VDataSection:
+    vae: str = _doc("", "the train-vae artifact folder (required)")
+    videos: int = _doc(2000, "rendered videos encoded once into the latent cache")
+
+
+@dataclass
+class SamplingSection:
+    steps: list[int] = _doc([10, 10, 10], "default steps per pyramid stage of the shipped pipeline")
+    first_frame_steps: list[int] = _doc([10, 10, 10], "steps per stage for the first latent frame")
+    guidance: float = _doc(7.0, "first-frame classifier-free guidance")
+    video_guidance: float = _doc(5.0, "later-frames classifier-free guidance")
+
+
+@recipe_schema("train-t2v")
+@dataclass
+class TrainT2VRecipe:
+    """Stage 2 of the Shapes teacher: text encoders + pyramidal MMDiT."""
+
+    world: WorldSection = field(default_factory=WorldSection, metadata={"doc": "the Shapes world"})
+    data: T2VDataSection = field(default_factory=T2VDataSection, metadata={"doc": "latent cache"})
+    text: TextSection = field(default_factory=TextSection, metadata={"doc": "text encoders"})
+    mmdit: MMDiTSection = field(default_factory=MMDiTSection, metadata={"doc": "the denoiser"})
+    flow: FlowSection = field(default_factory=FlowSection, metadata={"doc": "pyramid flow matching"})
+    sampling: SamplingSection = field(default_factory=SamplingSection, metadata={"doc": "defaults of the shipped pipeline"})
+    train: TrainerConfig = field(default_factory=TrainerConfig, metadata={"doc": "the trainer"})
+
+    def validate(self) -> list[str]:
+        problems = []
+        if len(self.flow.sample_ratios) != 3:
+            problems.append("flow.sample_ratios needs one entry per pyramid stage (3)")
+        elif self.train.batch_size % sum(self.flow.sample_ratios):
+            problems.append(f"train.batch_size must be a multiple of sum(flow.sample_ratios) = {sum(self.flow.sample_ratios)}")
+        return problems
+
+
+class TextToVideoModel(nn.Module):
+    """What stage 2 trains: the text bundle and the MMDiT, as one module."""
+
+    def __init__(self, text_encoder: nn.Module, mmdit: nn.Module):
+        super().__init__()
+        self.text_encoder, self.mmdit = text_encoder, mmdit
+
+    def condition(self, prompts: list[str]) -> TextConditioning:
+        embeds, mask, pooled = self.text_encoder(prompts)
+        return TextConditioning(embeds, mask, pooled)
+
+
+def build_t2v(recipe: TrainT2VRecipe, tokenizer_dir: Path) -> TextToVideoModel:
+    from neodragon_cli.pipelines.models.mmdit import PyramidFlowMMDiT
+    from neodragon_cli.pipelines.models.text_encoders import (
+        CLIPTextEncoder,
+        T5TextEncoder,
+        TextEncoderBundle,
+        clip_text_config,
+        load_tokenizer,
+        t5_config,
+    )
+
+    tokenizer = load_tokenizer(tokenizer_dir)  # the class `text/bundle` loads it with again
+    t = recipe.text
+    t5 = T5TextEncoder(t5_config(vocab_size=len(tokenizer), d_model=t.t5_width, num_layers=t.t5_layers,
+                                 num_heads=t.t5_heads, d_ff=2 * t.t5_width, dropout_rate=0.0))
+    clip = CLIPTextEncoder(clip_text_config(vocab_size=len(tokenizer), hidden_size=t.clip_width, num_layers=t.clip_layers,
+                                            num_heads=t.clip_heads, intermediate_size=2 * t.clip_width,
+                                            projection_dim=t.pooled_dim, max_position_embeddings=t.max_length,
+                                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=tokenizer.pad_token_id))
+    tokenizer.model_max_length = t.max_length
+    bundle = TextEncoderBundle(tokenizer, t5, [tokenizer], [clip], max_length=t.max_length)
+    m = recipe.mmdit
+    latent_size = recipe.world.height // 8
+    mmdit = PyramidFlowMMDiT(
+        sample_size=latent_size, patch_size=2, in_channels=16, num_layers=m.num_layers,
+        attention_head_dim=m.attention_head_dim, num_attention_heads=m.num_attention_heads,
+        caption_projection_dim=m.num_attention_heads * m.attention_head_dim, pooled_projection_dim=t.pooled_dim,
+        pos_embed_max_size=max(latent_size // 2, 16), max_num_frames=64, joint_attention_dim=t.t5_width,
+    )
+    return TextToVideoModel(bundle, mmdit)
+
+
+def encode_latent_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm, path: Path) -> torch.Tensor:
+    """Normalised latents [N, 16, T', h, w] (fp16 on disk) of the first `data.videos` videos; resumable."""
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        cached = load_file(str(path))["latents"]
+        if cached.shape[0] == recipe.data.videos:
+            return cached.float()
+    dataset = ShapesVideoDataset(recipe.world.world(), length=recipe.data.videos, seed=recipe.world.seed, split=recipe.world.split)
+    parts = []
+    with progress() as bar:
+        task = bar.add_task("encoding videos", total=len(dataset))
+        for start in range(0, len(dataset), 4):
+            videos = torch.stack([dataset[i][0] for i in range(start, min(start + 4, len(dataset)))])
+            parts.append(normalize(encode_videos(vae, videos), norm).half())
+            bar.advance(task, videos.shape[0])
+    latents = torch.cat(parts)
+    save_safetensors({"latents": latents}, path)
+    return latents.float()
+
+
+def t2v_loss(recipe: TrainT2VRecipe):
+    ratios = tuple(recipe.flow.sample_ratios)
+
+    def loss_fn(model: TextToVideoModel, batch: dict, generator: torch.Generator):
+        noise = SeededNoise(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        latents = batch["latents"]
+        text = model.condition(batch["captions"])
+        null = model.condition([""])
+        # temporal pyramid: each stage trains one frame position, with the frames before it as history
+        units = [int(u) for u in torch.randint(1, latents.shape[2] + 1, (3,), generator=generator)]
+        flow = build_flow_batch(latents, text, null, noise, sample_ratios=ratios, units_per_stage=units,
+                                corrupt_ratio=recipe.flow.corrupt_ratio, text_dropout=recipe.flow.text_dropout)
+        out = pyramid_flow_loss(model.mmdit, flow)
+        per_stage = {f"loss_stage{c.stage}": out.per_sample[i : i + len(c.samples)].mean().detach()
+                     for i, c in zip(np.cumsum([0] + [len(c.samples) for c in flow.columns]), flow.columns)}
+        return out.loss, per_stage
+
+    return loss_fn
+
+
+def _batches(recipe: TrainT2VRecipe, latents: torch.Tensor):
+    dataset = ShapesVideoDataset(recipe.world.world(), length=latents.shape[0], seed=recipe.world.seed, split=recipe.world.split)
+    scenes = {}
+
+    def scene(i: int):
+        if i not in scenes:  # the scene only (rendering is not needed: the latents are cached)
+            rng = np.random.default_rng((dataset.seed, i))
+            scenes[i] = dataset.world.sample_scene(rng, dataset.split)
+        return scenes[i]
+
+    def batch(positions: range) -> dict:
+        index = [derive_seed(recipe.world.seed, p) % latents.shape[0] for p in positions]
+        captions = [caption(scene(i), np.random.default_rng((recipe.world.seed, p, 2))).text for i, p in zip(index, positions)]
+        return {"latents": latents[index], "captions": captions}
+
+    return batch
+
+
+def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> Path:
+    from neodragon_cli.pipelines.data.caption_tokenizer import train_caption_tokenizer
+    from neodragon_cli.pipelines.flow.pipeline import PIPELINE_FILE, PIPELINE_FORMAT
+
+    if not recipe.data.vae:
+        raise UsageError("data.vae is not set", hint="pass data.vae=PATH of a train-vae artifact")
+    vae_dir = Path(recipe.data.vae)
+    if not (vae_dir / "vae").is_dir() or not (vae_dir / "latent_norm.json").is_file():
+        raise UsageError(f"{vae_dir} is not a train-vae artifact (no vae/ or latent_norm.json)")
+    work = out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    vae = CausalVideoVAE.from_pretrained(vae_dir / "vae").eval()
+    norm = LatentNorm(**json.loads((vae_dir / "latent_norm.json").read_text()))
+    tokenizer_dir = work / "tokenizer"
+    if not (tokenizer_dir / "spiece.model").is_file():
+        train_caption_tokenizer(tokenizer_dir, vocab_size=recipe.text.vocab_size, seed=recipe.world.seed)
+    started = time.time()
+    latents = encode_latent_cache(recipe, vae.to(memory_format=torch.channels_last_3d), norm, work / "latents.safetensors")
+    console.print(f"latent cache {tuple(latents.shape)} ready ({time.time() - started:.0f} s)")
+    model = build_t2v(recipe, tokenizer_dir)
+    trainer = Trainer(model, t2v_loss(recipe), _batches(recipe, latents), recipe.train, work / "run", resume=resume)
+    result = trainer.fit()
+    if result.stopped:
+        console.print(f"stopped at step {result.step}; continue with --resume (checkpoints in {work})")
+        raise SystemExit(0)
+    model = trainer.model.eval()
+    s = recipe.sampling
+    spec = {
+        "format": PIPELINE_FORMAT,
+        "components": {
+            "text_encoder": {"component": "text/bundle", "path": "text"},
+            "mmdit": {"component": "mmdit/pyramid-flow", "path": "mmdit"},
+            "vae": {"component": "vae/pyramid-flow", "path": "vae"},
+        },
+        "latent_norm": dataclasses.asdict(norm),
+        "sampling": {
+            "mode": "monolithic", "video_steps": list(s.steps), "first_steps": list(s.first_frame_steps),
+            "guidance": s.guidance, "video_guidance": s.video_guidance, "frames": recipe.world.frames,
+            "height": recipe.world.height, "width": recipe.world.width, "fps": 24, "sr": False,
+            "negative_prompt": "",
+        },
+    }
+    with ArtifactWriter(out, command="train-t2v", recipe_yaml=recipe_yaml, parent=vae_dir, overwrite=overwrite) as art:
+        model.text_encoder.save_pretrained(art.path / "text")
+        model.mmdit.save_pretrained(art.path / "mmdit")
+        vae.to(memory_format=torch.contiguous_format).save_pretrained(art.path / "vae")
+        write_json(art.path / PIPELINE_FILE, spec)
+        _copy_metrics(work / "run", art)
+        art.record("train-t2v", steps=result.step, videos=recipe.data.videos)
+    return out
+
+
+def ship_fp16(pipeline_dir: str | Path, dest: str | Path) -> Path:
+    """Copy a trained pipeline folder with every floating tensor stored as fp16 (the embedded default
+    ships this way; loading casts back to the run's dtype). Tokenizers and JSON files are copied."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src, dest = Path(pipeline_dir), Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir() or path.name in ("metrics.jsonl",):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+            save_safetensors(tensors, target)
+        else:
+            shutil.copy2(path, target)
+    return dest
+
+
+if __name__ == "__main__":  # python -m neodragon_cli.pipelines.train.shapes_teacher RUN DEST
+    import sys
+
+    print(ship_fp16(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,62 @@
+"""The Shapes-teacher recipes end to end at toy size: train-vae -> train-t2v -> generate -> eval."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from neodragon_cli.app import app
+from neodragon_cli.artifacts import read_state
+
+pytestmark = pytest.mark.recipe
+runner = CliRunner()
+
+WORLD = ["world.height=64", "world.width=64", "world.frames=9"]
+TRAIN = ["train.max_steps=2", "train.warmup_steps=0", "train.checkpoint_every=0", "train.log_every=1"]
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_teacher_recipes_train_generate_eval(tmp_path):
+    vae_out, t2v_out = tmp_path / "vae", tmp_path / "t2v"
+    _ok(runner.invoke(app, [
+        "train", "shapes/teacher_vae", "-o", str(vae_out), *WORLD, *TRAIN, "train.batch_size=2",
+        "data.clip_frames=9", "data.crop=32", "data.norm_videos=2",
+        "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4",
+    ]))
+    norm = json.loads((vae_out / "latent_norm.json").read_text())
+    assert set(norm) == {"image_shift", "image_scale", "video_shift", "video_scale"}
+    assert read_state(vae_out)["optimisations"][0]["optimisation"] == "train-vae"
+    assert len((vae_out / "metrics.jsonl").read_text().splitlines()) == 2
+
+    _ok(runner.invoke(app, [
+        "train", "shapes/teacher_t2v", "-o", str(t2v_out), *WORLD, *TRAIN, "train.batch_size=4",
+        f"data.vae={vae_out}", "data.videos=4", "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
+        "mmdit.num_layers=1", "mmdit.num_attention_heads=2", "mmdit.attention_head_dim=16",
+    ]))
+    state = read_state(t2v_out)
+    assert [o["optimisation"] for o in state["optimisations"]] == ["train-vae", "train-t2v"]
+    assert state["parent"]["path"] == str(vae_out)
+
+    video = tmp_path / "gen" / "clip.mp4"
+    _ok(runner.invoke(app, [
+        "generate", "a red circle moving left", "--model", str(t2v_out), "-o", str(video),
+        "--steps", "1-1-1", "--first-steps", "1-1-1", "--seed", "3",
+    ]))
+    from neodragon_cli.pipelines.data.video_io import read_video
+
+    frames, fps = read_video(video)
+    assert frames.shape == (9, 64, 64, 3) and fps == 24
+    report = tmp_path / "eval.json"
+    _ok(runner.invoke(app, ["eval", str(video.parent), "--json", str(report)]))
+    assert json.loads(report.read_text())
+
+
+def test_t2v_requires_vae_artifact(tmp_path):
+    result = runner.invoke(app, ["train", "shapes/teacher_t2v", "-o", str(tmp_path / "x"), "data.vae=" + str(tmp_path)])
+    assert result.exit_code == 2 and "not a train-vae artifact" in result.output
+    result = runner.invoke(app, ["train", "shapes/teacher_t2v", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "data.vae is not set" in result.output
