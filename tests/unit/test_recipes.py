@@ -61,8 +61,8 @@ def test_all_problems_reported_with_lines(tmp_path):
 
 def test_overrides_are_typed_by_schema(tmp_path):
     p = _write(tmp_path, "r.yaml", "command: toy-test\nwidth: 8\n")
-    obj = R.load(p, ["optim.lr=0.5", "steps=[4,4,4]", "name=run1"])
-    assert obj.optim.lr == 0.5 and obj.steps == [4, 4, 4] and obj.name == "run1"
+    obj = R.load(p, ["optim.lr=1e-3", "steps=[4,4,4]", "name=run1"])
+    assert obj.optim.lr == 1e-3 and obj.steps == [4, 4, 4] and obj.name == "run1"
     with pytest.raises(RecipeError, match="width: expected int"):
         R.load(p, ["width=abc"])
     with pytest.raises(RecipeError, match="not of the form"):
