@@ -8,8 +8,6 @@ unless `--debug` asks for the traceback.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
 
 import click
@@ -19,6 +17,7 @@ from typer.core import TyperGroup
 from neodragon_cli import __version__
 from neodragon_cli.console import console
 from neodragon_cli.errors import NeodragonError
+from neodragon_cli.registry import import_submodules
 
 _state = {"debug": False}
 
@@ -84,11 +83,7 @@ def load_command_modules() -> None:
     if _loaded:
         return
     _loaded = True
-    package = importlib.import_module("neodragon_cli.commands")
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+    for module in import_submodules("neodragon_cli.commands"):
         register = getattr(module, "register", None)
         if callable(register):
             register(app)

@@ -36,6 +36,14 @@ _SCHEMA_MODULES = (
 )
 
 
+def setting(default: Any, doc: str):
+    """A schema field with its default and documentation (shown by `recipes show --schema`).
+    Mutable defaults (lists, dicts) are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 def recipe_schema(command: str):
     """Register a dataclass as the recipe schema of `command`."""
 

@@ -56,14 +56,19 @@ def register(kind: str, name: str, *, description: str = "", detect: Callable[[P
     return wrap
 
 
+def import_submodules(package_name: str) -> list:
+    """Import every public module of a package (in name order); modules register things on import."""
+    package = importlib.import_module(package_name)
+    names = sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_"))
+    return [importlib.import_module(f"{package_name}.{name}") for name in names]
+
+
 def _ensure_loaded() -> None:
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    models = importlib.import_module("neodragon_cli.pipelines.models")
-    for info in pkgutil.iter_modules(models.__path__, models.__name__ + "."):
-        importlib.import_module(info.name)
+    import_submodules("neodragon_cli.pipelines.models")
 
 
 def did_you_mean(name: str, known: list[str]) -> str:

@@ -34,14 +34,15 @@ import json
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
 
 from neodragon_cli.errors import CheckpointError, UsageError
+from neodragon_cli.recipes import setting
 from neodragon_cli.pipelines.flow.sampler import (
     NoiseSource,
     PyramidSampler,
@@ -65,33 +66,28 @@ PYRAMID_FLOW_NEGATIVE = (
 SIZE_MULTIPLE = 64
 
 
-def _doc(text: str, default: Any = None):
-    return field(default=default, metadata={"doc": text})
-
-
 @dataclass
 class GenerationSettings:
     """How to sample one video. Every field may be None = "not set here": settings are layered
     (model defaults < recipe < command line) with `over`, and `resolved` checks all are set."""
 
-    mode: Literal["hybrid", "monolithic"] | None = _doc(
-        "hybrid: latent 0 from a first-frame image (generator or --image) through the VAE encoder; "
+    mode: Literal["hybrid", "monolithic"] | None = setting(None, "hybrid: latent 0 from a first-frame image (generator or --image) through the VAE encoder; "
         "monolithic: the DiT generates latent 0 too"
     )
-    first_steps: list[int] | None = _doc("Euler steps per pyramid stage for a generated latent 0 (monolithic)")
-    video_steps: list[int] | None = _doc("Euler steps per pyramid stage for latent frames 1, 2, ...")
-    guidance: float | None = _doc("classifier-free guidance scale for latent 0 (0 = no CFG)")
-    video_guidance: float | None = _doc("classifier-free guidance scale for later latent frames (0 = no CFG)")
-    linear_guidance: bool | None = _doc("decay the guidance per latent frame: max(guidance - decay * k, min)")
-    min_guidance: float | None = _doc("lower bound of linear guidance")
-    guidance_decay: float | None = _doc("per-latent-frame decrease of linear guidance")
-    frames: int | None = _doc("video frames, 1 + 8k (49 = 7 latent frames)")
-    height: int | None = _doc("video height in pixels, a multiple of 64 (before super-resolution)")
-    width: int | None = _doc("video width in pixels, a multiple of 64 (before super-resolution)")
-    fps: float | None = _doc("frames per second of the written video")
-    sr: bool | None = _doc("2x super-resolution of every frame (needs an sr component)")
-    prompt_modifier: str | None = _doc("text appended to every prompt before encoding")
-    negative_prompt: str | None = _doc("negative prompt for classifier-free guidance")
+    first_steps: list[int] | None = setting(None, "Euler steps per pyramid stage for a generated latent 0 (monolithic)")
+    video_steps: list[int] | None = setting(None, "Euler steps per pyramid stage for latent frames 1, 2, ...")
+    guidance: float | None = setting(None, "classifier-free guidance scale for latent 0 (0 = no CFG)")
+    video_guidance: float | None = setting(None, "classifier-free guidance scale for later latent frames (0 = no CFG)")
+    linear_guidance: bool | None = setting(None, "decay the guidance per latent frame: max(guidance - decay * k, min)")
+    min_guidance: float | None = setting(None, "lower bound of linear guidance")
+    guidance_decay: float | None = setting(None, "per-latent-frame decrease of linear guidance")
+    frames: int | None = setting(None, "video frames, 1 + 8k (49 = 7 latent frames)")
+    height: int | None = setting(None, "video height in pixels, a multiple of 64 (before super-resolution)")
+    width: int | None = setting(None, "video width in pixels, a multiple of 64 (before super-resolution)")
+    fps: float | None = setting(None, "frames per second of the written video")
+    sr: bool | None = setting(None, "2x super-resolution of every frame (needs an sr component)")
+    prompt_modifier: str | None = setting(None, "text appended to every prompt before encoding")
+    negative_prompt: str | None = setting(None, "negative prompt for classifier-free guidance")
 
     def over(self, base: "GenerationSettings") -> "GenerationSettings":
         """These settings on top of `base` (fields set here win)."""

@@ -7,6 +7,8 @@ everything works as one process with rank 0 of a world of 1, so the same trainin
 
 from __future__ import annotations
 
+import gc
+
 import os
 from dataclasses import dataclass
 
@@ -53,7 +55,13 @@ def setup(device: str | torch.device | None = None) -> DistEnv:
 def teardown() -> None:
     """Destroy the default process group, if one was started (call once, when training is over)."""
     if dist.is_initialized():
+        # Free finished collectives' work objects (and the tensors they hold) while the interpreter is
+        # fully alive: gloo threads releasing them during interpreter shutdown abort the process
+        # ("terminate called without an active exception") or hang it.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def barrier() -> None:

@@ -35,22 +35,16 @@ from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
 from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
 from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
 from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed
-from neodragon_cli.recipes import recipe_schema
-
-
-def _doc(default, text: str):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+from neodragon_cli.recipes import recipe_schema, setting
 
 
 @dataclass
 class WorldSection:
-    height: int = _doc(128, "canvas height (multiple of 64)")
-    width: int = _doc(128, "canvas width (multiple of 64)")
-    frames: int = _doc(49, "frames per video (1 + 8k)")
-    split: str = _doc("train", "scene split the training data comes from")
-    seed: int = _doc(0, "data seed (video i is a pure function of (seed, i))")
+    height: int = setting(128, "canvas height (multiple of 64)")
+    width: int = setting(128, "canvas width (multiple of 64)")
+    frames: int = setting(49, "frames per video (1 + 8k)")
+    split: str = setting("train", "scene split the training data comes from")
+    seed: int = setting(0, "data seed (video i is a pure function of (seed, i))")
 
     def validate(self) -> list[str]:
         problems = [f"{k} must be a multiple of 64" for k in ("height", "width") if getattr(self, k) % 64]
@@ -67,9 +61,9 @@ class WorldSection:
 
 @dataclass
 class VAEModelSection:
-    block_out_channels: list[int] = _doc([16, 32, 64, 64], "widths of the four encoder/decoder levels")
-    layers_per_block: list[int] = _doc([1, 1, 1, 1], "resnet blocks per level")
-    norm_num_groups: int = _doc(8, "GroupNorm groups (must divide every width)")
+    block_out_channels: list[int] = setting([16, 32, 64, 64], "widths of the four encoder/decoder levels")
+    layers_per_block: list[int] = setting([1, 1, 1, 1], "resnet blocks per level")
+    norm_num_groups: int = setting(8, "GroupNorm groups (must divide every width)")
 
     def build(self) -> CausalVideoVAE:
         return CausalVideoVAE(
@@ -82,17 +76,17 @@ class VAEModelSection:
 
 @dataclass
 class VAELossSection:
-    l1: float = _doc(1.0, "weight of the L1 reconstruction loss")
-    mse: float = _doc(1.0, "weight of the MSE reconstruction loss")
-    kl: float = _doc(1e-6, "weight of the KL term (per element)")
-    sample_posterior: bool = _doc(False, "decode a posterior sample (true) or its mean (false: steadier on CPU budgets)")
+    l1: float = setting(1.0, "weight of the L1 reconstruction loss")
+    mse: float = setting(1.0, "weight of the MSE reconstruction loss")
+    kl: float = setting(1e-6, "weight of the KL term (per element)")
+    sample_posterior: bool = setting(False, "decode a posterior sample (true) or its mean (false: steadier on CPU budgets)")
 
 
 @dataclass
 class VAEDataSection:
-    clip_frames: int = _doc(9, "frames per training clip (1 + 8k)")
-    crop: int = _doc(64, "square random crop (pixels, multiple of 8)")
-    norm_videos: int = _doc(32, "whole videos encoded to measure the latent normalisation")
+    clip_frames: int = setting(9, "frames per training clip (1 + 8k)")
+    crop: int = setting(64, "square random crop (pixels, multiple of 8)")
+    norm_videos: int = setting(32, "whole videos encoded to measure the latent normalisation")
 
 
 @recipe_schema("train-vae")
@@ -204,43 +198,43 @@ def _copy_metrics(work: Path, art: ArtifactWriter) -> None:
 
 @dataclass
 class TextSection:
-    vocab_size: int = _doc(256, "sentencepiece vocabulary (the grammar supports fewer; capped by the trainer)")
-    max_length: int = _doc(32, "T5 tokens per prompt (padded)")
-    t5_width: int = _doc(128, "small T5: d_model")
-    t5_layers: int = _doc(2, "small T5: encoder layers")
-    t5_heads: int = _doc(4, "small T5: attention heads")
-    clip_width: int = _doc(128, "small CLIP: hidden size")
-    clip_layers: int = _doc(2, "small CLIP: layers")
-    clip_heads: int = _doc(4, "small CLIP: attention heads")
-    pooled_dim: int = _doc(64, "small CLIP: projection (pooled) size")
+    vocab_size: int = setting(256, "sentencepiece vocabulary (the grammar supports fewer; capped by the trainer)")
+    max_length: int = setting(32, "T5 tokens per prompt (padded)")
+    t5_width: int = setting(128, "small T5: d_model")
+    t5_layers: int = setting(2, "small T5: encoder layers")
+    t5_heads: int = setting(4, "small T5: attention heads")
+    clip_width: int = setting(128, "small CLIP: hidden size")
+    clip_layers: int = setting(2, "small CLIP: layers")
+    clip_heads: int = setting(4, "small CLIP: attention heads")
+    pooled_dim: int = setting(64, "small CLIP: projection (pooled) size")
 
 
 @dataclass
 class MMDiTSection:
-    num_layers: int = _doc(6, "joint transformer blocks")
-    num_attention_heads: int = _doc(6, "heads")
-    attention_head_dim: int = _doc(32, "head width (inner width = heads x head width)")
+    num_layers: int = setting(6, "joint transformer blocks")
+    num_attention_heads: int = setting(6, "heads")
+    attention_head_dim: int = setting(32, "head width (inner width = heads x head width)")
 
 
 @dataclass
 class FlowSection:
-    sample_ratios: list[int] = _doc([1, 2, 1], "columns per pyramid stage (low, mid, high) in a batch")
-    text_dropout: float = _doc(0.1, "fraction of prompts replaced by the empty prompt (for CFG)")
-    corrupt_ratio: float = _doc(1 / 3, "history corruption c ~ U(0, corrupt_ratio)")
+    sample_ratios: list[int] = setting([1, 2, 1], "columns per pyramid stage (low, mid, high) in a batch")
+    text_dropout: float = setting(0.1, "fraction of prompts replaced by the empty prompt (for CFG)")
+    corrupt_ratio: float = setting(1 / 3, "history corruption c ~ U(0, corrupt_ratio)")
 
 
 @dataclass
 class T2VDataSection:
-    vae: str = _doc("", "the train-vae artifact folder (required)")
-    videos: int = _doc(2000, "rendered videos encoded once into the latent cache")
+    vae: str = setting("", "the train-vae artifact folder (required)")
+    videos: int = setting(2000, "rendered videos encoded once into the latent cache")
 
 
 @dataclass
 class SamplingSection:
-    steps: list[int] = _doc([10, 10, 10], "default steps per pyramid stage of the shipped pipeline")
-    first_frame_steps: list[int] = _doc([10, 10, 10], "steps per stage for the first latent frame")
-    guidance: float = _doc(7.0, "first-frame classifier-free guidance")
-    video_guidance: float = _doc(5.0, "later-frames classifier-free guidance")
+    steps: list[int] = setting([10, 10, 10], "default steps per pyramid stage of the shipped pipeline")
+    first_frame_steps: list[int] = setting([10, 10, 10], "steps per stage for the first latent frame")
+    guidance: float = setting(7.0, "first-frame classifier-free guidance")
+    video_guidance: float = setting(5.0, "later-frames classifier-free guidance")
 
 
 @recipe_schema("train-t2v")

@@ -41,7 +41,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -59,6 +59,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
+from neodragon_cli.recipes import setting
 from neodragon_cli.atomic import atomic_path, write_text
 from neodragon_cli.errors import ArtifactError, CheckpointError, NeodragonError, UsageError
 from neodragon_cli.pipelines.models.checkpoint import check_state_dict
@@ -71,33 +72,28 @@ LossFn = Callable[[nn.Module, Any, torch.Generator], "tuple[torch.Tensor, dict[s
 StepHook = Callable[["Trainer", int], None]
 
 
-def _setting(default, doc: str):
-    """A config field with its documentation (the recipe schema shows it)."""
-    return field(default=default, metadata={"doc": doc})
-
-
 @dataclass
 class TrainerConfig:
     """Optimisation settings shared by every training recipe (the `train:` section)."""
 
-    seed: int = _setting(0, "seed of the sample stream, the noise and dropout")
-    max_steps: int = _setting(1000, "optimizer updates in the whole run")
-    batch_size: int = _setting(8, "global batch: samples per optimizer update, over all ranks and accumulation steps")
-    grad_accum: int = _setting(1, "micro-batches accumulated per update on each rank")
-    lr: float = _setting(1e-4, "peak learning rate")
-    optimizer: Literal["adamw", "adam"] = _setting("adamw", "adamw (decoupled weight decay) or adam (L2 penalty)")
-    betas: tuple[float, float] = _setting((0.9, 0.999), "Adam moment decay rates")
-    eps: float = _setting(1e-8, "Adam denominator epsilon")
-    weight_decay: float = _setting(0.0, "on parameters with 2+ dims only (not biases, norms)")
-    schedule: Literal["constant", "cosine", "linear"] = _setting("constant", "learning-rate shape after warmup")
-    warmup_steps: int = _setting(0, "linear warmup: update s < warmup_steps uses lr*(s+1)/warmup_steps")
-    min_lr: float = _setting(0.0, "floor that cosine and linear decay towards")
-    grad_clip: float | None = _setting(1.0, "max global gradient norm; null disables clipping")
-    precision: Literal["fp32", "bf16"] = _setting("fp32", "bf16: forward and loss under bf16 autocast, fp32 weights")
-    checkpoint_every: int = _setting(500, "checkpoint every N updates (0: only at the end or when stopped)")
-    log_every: int = _setting(10, "append a metrics.jsonl line every N updates")
-    ema: float | None = _setting(None, "EMA decay of the trainable weights (e.g. 0.999); null: none")
-    fsdp: bool = _setting(False, "shard weights, grads and optimizer state with FSDP2 (torchrun)")
+    seed: int = setting(0, "seed of the sample stream, the noise and dropout")
+    max_steps: int = setting(1000, "optimizer updates in the whole run")
+    batch_size: int = setting(8, "global batch: samples per optimizer update, over all ranks and accumulation steps")
+    grad_accum: int = setting(1, "micro-batches accumulated per update on each rank")
+    lr: float = setting(1e-4, "peak learning rate")
+    optimizer: Literal["adamw", "adam"] = setting("adamw", "adamw (decoupled weight decay) or adam (L2 penalty)")
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam moment decay rates")
+    eps: float = setting(1e-8, "Adam denominator epsilon")
+    weight_decay: float = setting(0.0, "on parameters with 2+ dims only (not biases, norms)")
+    schedule: Literal["constant", "cosine", "linear"] = setting("constant", "learning-rate shape after warmup")
+    warmup_steps: int = setting(0, "linear warmup: update s < warmup_steps uses lr*(s+1)/warmup_steps")
+    min_lr: float = setting(0.0, "floor that cosine and linear decay towards")
+    grad_clip: float | None = setting(1.0, "max global gradient norm; null disables clipping")
+    precision: Literal["fp32", "bf16"] = setting("fp32", "bf16: forward and loss under bf16 autocast, fp32 weights")
+    checkpoint_every: int = setting(500, "checkpoint every N updates (0: only at the end or when stopped)")
+    log_every: int = setting(10, "append a metrics.jsonl line every N updates")
+    ema: float | None = setting(None, "EMA decay of the trainable weights (e.g. 0.999); null: none")
+    fsdp: bool = setting(False, "shard weights, grads and optimizer state with FSDP2 (torchrun)")
 
     def validate(self) -> list[str]:
         """Cross-field problems (the recipe loader reports them with the file and line)."""

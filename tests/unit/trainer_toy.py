@@ -72,6 +72,7 @@ def main(runs: list[dict]) -> None:
         state = trainer.model_state_dict()
         if trainer.env.is_main:
             torch.save(state, f"{run['out']}/final.pt")
+        del trainer, state
     distributed.teardown()
 
 
