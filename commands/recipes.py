@@ -63,7 +63,8 @@ def validate(
         else:
             console.print(f"[green]ok[/] {path}", highlight=False)
     if problems:
-        raise RecipeError(problems, hint="see `neodragon recipes show RECIPE --schema` for the allowed keys")
+        keys = any("unknown key" in p for p in problems)
+        raise RecipeError(problems, hint="see `neodragon recipes show RECIPE --schema` for the allowed keys" if keys else None)
 
 
 def register(app: typer.Typer) -> None:

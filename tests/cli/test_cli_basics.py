@@ -44,6 +44,9 @@ def test_recipe_errors_exit_2(tmp_path):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text(f"command: {command}\nbogus_key: 1\n")
     _check_one_problem(runner.invoke(app, ["recipes", "validate", str(unknown)]), "bogus_key")
+    wrong_type = tmp_path / "wrongtype.yaml"
+    wrong_type.write_text("extends: shapes/teacher_vae\ntrain:\n  max_steps: many\n")
+    _check_one_problem(runner.invoke(app, ["recipes", "validate", str(wrong_type)]), "train.max_steps", "expected int")
     not_yaml = tmp_path / "notyaml.yaml"
     not_yaml.write_text("a: [1, 2\nb: }\n")
     _check_one_problem(runner.invoke(app, ["recipes", "validate", str(not_yaml)]), "not valid YAML")
