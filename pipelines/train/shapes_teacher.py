@@ -338,8 +338,9 @@ def t2v_loss(recipe: TrainT2VRecipe):
         flow = build_flow_batch(latents, text, null, noise, sample_ratios=ratios, units_per_stage=units,
                                 corrupt_ratio=recipe.flow.corrupt_ratio, text_dropout=recipe.flow.text_dropout)
         out = pyramid_flow_loss(model.mmdit, flow)
-        per_stage = {f"loss_stage{c.stage}": out.per_sample[i : i + len(c.samples)].mean().detach()
-                     for i, c in zip(np.cumsum([0] + [len(c.samples) for c in flow.columns]), flow.columns)}
+        stage_of_sample = torch.tensor([c.stage for c in flow.columns for _ in c.samples])  # column order
+        per_stage = {f"loss_stage{s}": out.per_sample[stage_of_sample == s].mean().detach()
+                     for s in sorted(set(stage_of_sample.tolist()))}
         return out.loss, per_stage
 
     return loss_fn
