@@ -37,6 +37,8 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
         f"data.vae={vae_out}", "data.videos=4", "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
         "mmdit.num_layers=1", "mmdit.num_attention_heads=2", "mmdit.attention_head_dim=16",
     ]))
+    first = json.loads((t2v_out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss_stage0", "loss_stage1", "loss_stage2"} <= set(first)
     state = read_state(t2v_out)
     assert [o["optimisation"] for o in state["optimisations"]] == ["train-vae", "train-t2v"]
     assert state["parent"]["path"] == str(vae_out)
