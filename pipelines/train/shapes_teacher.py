@@ -23,18 +23,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from neodragon_cli.pipelines.data.shapes import (
+    ObjectSpec,
+    PromptSpec,
+    ShapesVideoDataset,
+    ShapesWorld,
+    caption,
+)
+from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
+from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
+from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
+from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
+from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed
 from torch import nn
 
 from neodragon_cli.artifacts import ArtifactWriter
 from neodragon_cli.atomic import save_safetensors, write_json
 from neodragon_cli.console import console, progress
 from neodragon_cli.errors import UsageError
-from neodragon_cli.pipelines.data.shapes import ShapesVideoDataset, ShapesWorld, caption
-from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
-from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
-from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
-from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
-from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed
 from neodragon_cli.recipes import recipe_schema, setting
 
 
@@ -64,8 +70,17 @@ class VAEModelSection:
     block_out_channels: list[int] = setting([16, 32, 64, 64], "widths of the four encoder/decoder levels")
     layers_per_block: list[int] = setting([1, 1, 1, 1], "resnet blocks per level")
     norm_num_groups: int = setting(8, "GroupNorm groups (must divide every width)")
+    init: str = setting("", "start from the weights of this train-vae artifact (fine-tuning); empty: random init")
 
     def build(self) -> CausalVideoVAE:
+        if self.init:
+            # GroupNorm parameters are per channel, so the group count may change when fine-tuning
+            groups = self.norm_num_groups
+            vae = CausalVideoVAE.from_pretrained(_vae_folder(self.init), encoder_norm_num_groups=groups, decoder_norm_num_groups=groups)
+            widths = list(vae.config["encoder_block_out_channels"])
+            if widths != list(self.block_out_channels):
+                raise UsageError(f"model.init {self.init} has widths {widths}, the recipe asks for {self.block_out_channels}")
+            return vae
         return CausalVideoVAE(
             encoder_block_out_channels=tuple(self.block_out_channels), decoder_block_out_channels=tuple(self.block_out_channels),
             encoder_layers_per_block=tuple(self.layers_per_block), decoder_layers_per_block=tuple(self.layers_per_block),
@@ -74,11 +89,21 @@ class VAEModelSection:
         )
 
 
+def _vae_folder(path: str | Path) -> Path:
+    """The vae/ folder of a train-vae artifact (or the folder itself when it holds config.json)."""
+    path = Path(path)
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{path} is neither a train-vae artifact nor a VAE folder (no config.json)")
+    return folder
+
+
 @dataclass
 class VAELossSection:
     l1: float = setting(1.0, "weight of the L1 reconstruction loss")
     mse: float = setting(1.0, "weight of the MSE reconstruction loss")
     kl: float = setting(1e-6, "weight of the KL term (per element)")
+    foreground: float = setting(0.0, "extra reconstruction weight on pixels that differ from the clip's background")
     sample_posterior: bool = setting(False, "decode a posterior sample (true) or its mean (false: steadier on CPU budgets)")
 
 
@@ -86,7 +111,9 @@ class VAELossSection:
 class VAEDataSection:
     clip_frames: int = setting(9, "frames per training clip (1 + 8k)")
     crop: int = setting(64, "square random crop (pixels, multiple of 8)")
+    object_crops: float = setting(0.0, "fraction of crops placed around an object (the rest anywhere)")
     norm_videos: int = setting(32, "whole videos encoded to measure the latent normalisation")
+    judge_videos: int = setting(20, "held-out videos whose reconstructions are judged at the end (0: skip)")
 
 
 @recipe_schema("train-vae")
@@ -116,11 +143,19 @@ def _clip_sampler(recipe: TrainVAERecipe):
     t, c = recipe.data.clip_frames, recipe.data.crop
 
     def sample(index: int) -> torch.Tensor:
-        video, _ = dataset[index]
+        scene, _, frames = dataset.item(index)
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+        _, T, H, W = video.shape
         rng = np.random.default_rng((recipe.world.seed, index, 1))
-        t0 = int(rng.integers(0, video.shape[1] - t + 1))
-        y0 = int(rng.integers(0, video.shape[2] - c + 1)) // 8 * 8
-        x0 = int(rng.integers(0, video.shape[3] - c + 1)) // 8 * 8
+        t0 = int(rng.integers(0, T - t + 1))
+        if recipe.data.object_crops and rng.random() < recipe.data.object_crops:  # objects cover a few % of the canvas: show them more often
+            obj = scene.objects[int(rng.integers(len(scene.objects)))]
+            cx, cy = (float(v[t0 + t // 2]) for v in obj.centres(T))
+            y0 = int(np.clip(cy * H - c / 2 + rng.uniform(-c / 4, c / 4), 0, H - c))
+            x0 = int(np.clip(cx * W - c / 2 + rng.uniform(-c / 4, c / 4), 0, W - c))
+        else:
+            y0, x0 = int(rng.integers(0, H - c + 1)), int(rng.integers(0, W - c + 1))
+        y0, x0 = y0 // 8 * 8, x0 // 8 * 8
         return video[:, t0 : t0 + t, y0 : y0 + c, x0 : x0 + c]
 
     return sample
@@ -130,14 +165,25 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+def _foreground(clips: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """1 where a pixel of [B, 3, T, H, W] (in [-1, 1]) differs from its clip's background colour (the
+    per-channel median: Shapes backgrounds are flat and cover most of the canvas), else 0."""
+    background = clips.flatten(2).median(dim=2).values[:, :, None, None, None]
+    return ((clips - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+
+
 def vae_loss(weights: VAELossSection):
     def loss_fn(vae: CausalVideoVAE, clips: torch.Tensor, generator: torch.Generator):
         clips = _channels_last(clips)
         posterior = vae.encode(clips)
         latents = posterior.sample(generator) if weights.sample_posterior else posterior.mode()
         recon = vae.decode(latents).float()
-        l1 = (recon - clips).abs().mean()
-        mse = ((recon - clips) ** 2).mean()
+        weight = 1.0
+        if weights.foreground:
+            weight = 1.0 + weights.foreground * _foreground(clips)
+            weight = weight / weight.mean()  # same overall scale; objects get a larger share
+        l1 = (weight * (recon - clips).abs()).mean()
+        mse = (weight * (recon - clips) ** 2).mean()
         kl = posterior.kl().mean() / clips[0].numel()
         loss = weights.l1 * l1 + weights.mse * mse + weights.kl * kl
         return loss, {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
@@ -163,6 +209,39 @@ def measure_latent_norm(vae: CausalVideoVAE, world: WorldSection, count: int) ->
     )
 
 
+def full_spec(scene) -> PromptSpec:
+    """The prompt spec stating every attribute of a scene (what a reconstruction must preserve)."""
+    objects = tuple(ObjectSpec(o.shape, o.colour, o.size, o.motion) for o in scene.objects)
+    return PromptSpec(objects, scene.background, ordered=len(objects) > 1)
+
+
+@torch.no_grad()
+def judge_reconstructions(vae: CausalVideoVAE, world: WorldSection, count: int, split: str = "heldout") -> dict:
+    """Judge scores of whole-clip VAE reconstructions of `count` scenes, every attribute stated:
+    the ceiling a text-to-video model on these latents can reach. Also the mean PSNR (dB)."""
+    from neodragon_cli.pipelines.eval.judge import attribute_kind, judge
+    from neodragon_cli.pipelines.eval.metrics import psnr
+
+    dataset = ShapesVideoDataset(world.world(), length=count, seed=world.seed + 9_999, split=split)
+    per_kind: dict[str, list[bool]] = {}
+    semantic, quality, psnrs = [], [], []
+    for i in range(count):
+        scene, _, frames = dataset.item(i)
+        video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            recon = vae.decode(vae.encode(_channels_last(video)).mode()).float()
+        recon = recon[0].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        result = judge(recon, full_spec(scene))
+        semantic.append(result.semantic)
+        quality.append(result.quality)
+        psnrs.append(psnr(recon, frames))
+        for name, ok in result.attributes.items():
+            per_kind.setdefault(attribute_kind(name), []).append(ok)
+    report = {"semantic": float(np.mean(semantic)), "quality": float(np.mean(quality)), "psnr": float(np.mean(psnrs))}
+    report.update({kind: float(np.mean(v)) for kind, v in sorted(per_kind.items())})
+    return report
+
+
 def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> Path:
     """Train, then write the artifact `out/` (vae/ folder + latent_norm.json)."""
     work = out.with_name(out.name + ".work")
@@ -178,11 +257,16 @@ def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bo
         raise SystemExit(0)
     vae = trainer.model.eval().to(memory_format=torch.contiguous_format)
     norm = measure_latent_norm(vae, recipe.world, recipe.data.norm_videos)
-    with ArtifactWriter(out, command="train-vae", recipe_yaml=recipe_yaml, overwrite=overwrite) as art:
+    reconstruction = {}
+    if recipe.data.judge_videos:
+        reconstruction = judge_reconstructions(vae, recipe.world, recipe.data.judge_videos)
+        console.print("reconstructions of held-out videos: " + ", ".join(f"{k} {v:.3f}" for k, v in reconstruction.items()))
+    parent = Path(recipe.model.init) if recipe.model.init and (Path(recipe.model.init) / "state.json").is_file() else None
+    with ArtifactWriter(out, command="train-vae", recipe_yaml=recipe_yaml, overwrite=overwrite, parent=parent) as art:
         vae.save_pretrained(art.path / "vae")
         write_json(art.path / "latent_norm.json", dataclasses.asdict(norm))
         _copy_metrics(work, art)
-        art.record("train-vae", steps=result.step, latent_norm=dataclasses.asdict(norm))
+        art.record("train-vae", steps=result.step, latent_norm=dataclasses.asdict(norm), reconstruction=reconstruction)
     return out
 
 

@@ -32,6 +32,19 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     assert read_state(vae_out)["optimisations"][0]["optimisation"] == "train-vae"
     assert len((vae_out / "metrics.jsonl").read_text().splitlines()) == 2
 
+    # stage 1b: fine-tune on whole clips from the stage-1 weights; reconstructions are judged
+    long_out = tmp_path / "vae-long"
+    _ok(runner.invoke(app, [
+        "train", "shapes/teacher_vae_long", "-o", str(long_out), *WORLD, *TRAIN, "train.batch_size=1",
+        "data.crop=32", "data.clip_frames=9", "data.norm_videos=2", "data.judge_videos=2",
+        "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4", f"model.init={vae_out}",
+    ]))
+    state = read_state(long_out)
+    assert state["parent"]["path"] == str(vae_out)
+    reconstruction = state["optimisations"][-1]["reconstruction"]
+    assert {"semantic", "quality", "psnr", "count", "colour", "shape"} <= set(reconstruction)
+    assert 0.0 <= reconstruction["semantic"] <= 1.0
+
     _ok(runner.invoke(app, [
         "train", "shapes/teacher_t2v", "-o", str(t2v_out), *WORLD, *TRAIN, "train.batch_size=4",
         f"data.vae={vae_out}", "data.videos=4", "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
@@ -55,6 +68,11 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     report = tmp_path / "eval.json"
     _ok(runner.invoke(app, ["eval", str(video.parent), "--json", str(report)]))
     assert json.loads(report.read_text())
+
+
+def test_vae_init_must_match_the_recipe(tmp_path):
+    result = runner.invoke(app, ["train", "shapes/teacher_vae_long", "-o", str(tmp_path / "x"), f"model.init={tmp_path}"])
+    assert result.exit_code == 2 and "neither a train-vae artifact nor a VAE folder" in result.output
 
 
 def test_t2v_requires_vae_artifact(tmp_path):
