@@ -477,6 +477,11 @@ def prompt_corpus(count: int, seed: int = 0, split: str | None = "train") -> lis
     raise UsageError(f"the caption grammar gave only {len(seen)} unique '{split}' prompts, fewer than {count}")
 
 
+def video_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] -> float video [3, T, H, W] in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 class ShapesVideoDataset(Dataset):
     """Map-style dataset of (video float [3, T, H, W] in [-1, 1], caption str).
 
@@ -501,5 +506,4 @@ class ShapesVideoDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         _, cap, frames = self.item(index)
-        video = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
-        return video, cap.text
+        return video_tensor(frames), cap.text

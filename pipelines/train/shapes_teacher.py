@@ -23,24 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from neodragon_cli.pipelines.data.shapes import (
-    ObjectSpec,
-    PromptSpec,
-    ShapesVideoDataset,
-    ShapesWorld,
-    caption,
-)
-from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
-from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
-from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
-from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
-from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed
 from torch import nn
 
 from neodragon_cli.artifacts import ArtifactWriter
 from neodragon_cli.atomic import save_safetensors, write_json
 from neodragon_cli.console import console, progress
 from neodragon_cli.errors import UsageError
+from neodragon_cli.pipelines.data.shapes import ObjectSpec, PromptSpec, ShapesVideoDataset, ShapesWorld, caption, video_tensor
+from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
+from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
+from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
+from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
+from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed
 from neodragon_cli.recipes import recipe_schema, setting
 
 
@@ -144,7 +138,7 @@ def _clip_sampler(recipe: TrainVAERecipe):
 
     def sample(index: int) -> torch.Tensor:
         scene, _, frames = dataset.item(index)
-        video = torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+        video = video_tensor(frames)
         _, T, H, W = video.shape
         rng = np.random.default_rng((recipe.world.seed, index, 1))
         t0 = int(rng.integers(0, T - t + 1))
@@ -227,7 +221,7 @@ def judge_reconstructions(vae: CausalVideoVAE, world: WorldSection, count: int, 
     semantic, quality, psnrs = [], [], []
     for i in range(count):
         scene, _, frames = dataset.item(i)
-        video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)
+        video = video_tensor(frames)[None]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             recon = vae.decode(vae.encode(_channels_last(video)).mode()).float()
         recon = recon[0].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
