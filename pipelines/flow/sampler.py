@@ -277,13 +277,16 @@ class PyramidSampler:
             generated.append(first_latent.to(device, torch.float32))
             yield generated[0]
         for unit in range(len(generated), num_frames):
-            latent = self._unit(
+            latent = self.sample_unit(
                 unit, num_frames, stage0_noise[:, :, unit : unit + 1], generated, text, negative, config, noise, callback
             )
             generated.append(latent)
             yield latent
 
-    def _unit(self, unit, num_units, latents, generated, text, negative, config, noise, callback) -> torch.Tensor:
+    def sample_unit(self, unit, num_units, latents, generated, text, negative, config, noise, callback=None) -> torch.Tensor:
+        """Latent frame `unit` `[B, C, 1, H, W]` from its stage-0 noise `latents` `[B, C, 1, H/4, W/4]`
+        and the clean frames before it, `generated` (any frames: the sampler's own, or true ones for
+        teacher forcing), through all stages."""
         sched = self.scheduler
         steps, scale = config.unit_plan(unit)
         cfg = scale > 0
