@@ -16,6 +16,7 @@ from neodragon_cli.pipelines.flow.sampler import (
     TextConditioning,
     history_clips,
 )
+from neodragon_cli.pipelines.flow.scheduler import noise_pyramid
 
 
 def _text(batch=1, value=0.0):
@@ -158,3 +159,22 @@ def test_profiler_sections_are_exclusive():
     assert (decoder.calls, mmdit.calls) == (1, 2)
     assert 0.06 <= mmdit.seconds < 0.2 and 0.02 <= decoder.seconds < 0.1  # sleeps never end early
     assert profile.total_seconds() <= wall and decoder.peak_mb > 0
+
+
+def test_sample_unit_with_the_samplers_own_history_reproduces_it_and_uses_the_history_given():
+    def history_aware(clips, text, timestep):  # velocity depends on the newest history clip
+        shift = clips[-2].mean() if len(clips) > 1 else 0.0
+        return 0.1 * clips[-1] + shift
+
+    config = SamplingConfig(first_steps=(2, 2, 2), video_steps=(2, 2, 2), guidance=0.0, video_guidance=0.0)
+    sampler = PyramidSampler(history_aware)
+    frames = list(sampler.latent_frames(_text(), num_frames=3, latent_channels=4, latent_size=(8, 16), config=config, noise=SeededNoise(5)))
+
+    def replay(histories):  # the same draws as latent_frames, unit by unit
+        noise = SeededNoise(5)
+        stage0 = noise_pyramid(noise.randn((1, 4, 3, 8, 16), kind="initial"))[0]
+        return [sampler.sample_unit(u, 3, stage0[:, :, u : u + 1], h, _text(), None, config, noise) for u, h in enumerate(histories)]
+
+    assert all(torch.equal(a, b) for a, b in zip(replay([[], frames[:1], frames[:2]]), frames))
+    forced = replay([[], frames[:1], [frames[0], frames[1] + 1.0]])
+    assert torch.equal(forced[1], frames[1]) and not torch.allclose(forced[2], frames[2])
