@@ -7,10 +7,10 @@ import json
 import struct
 
 import pytest
-from neodragon_cli.commands.generate import DEFAULT_MODEL, embedded_models_root
 from typer.testing import CliRunner
 
 from neodragon_cli.app import app
+from neodragon_cli.commands.generate import DEFAULT_MODEL, embedded_models_root
 
 MAIN_JOB = "a small red circle moving left on a black background"
 
