@@ -100,7 +100,7 @@ def _read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     return [prompt.strip()]
 
 
-def _cli_settings(mode, steps, first_steps, frames, height, width, guidance, video_guidance, sr, fps) -> GenerationSettings:
+def _cli_settings(mode, steps, first_steps, frames, height, width, guidance, video_guidance, history_noise, sr, fps) -> GenerationSettings:
     if mode is not None and mode not in MODES:
         raise UsageError(f"unknown mode '{mode}'", hint=f"use one of: {', '.join(MODES)}")
 
@@ -116,7 +116,7 @@ def _cli_settings(mode, steps, first_steps, frames, height, width, guidance, vid
     first = steps_of(first_steps, "--first-steps")
     settings = GenerationSettings(
         mode=mode, first_steps=first or video, video_steps=video, guidance=guidance, video_guidance=video_guidance,
-        frames=frames, height=height, width=width, fps=fps, sr=sr,
+        history_noise=history_noise, frames=frames, height=height, width=width, fps=fps, sr=sr,
     )  # fmt: skip
     problems = settings.validate()
     if problems:
@@ -167,6 +167,7 @@ def generate(
     seed: int = typer.Option(None, "--seed", help="Random seed (default: the recipe's, else 0)."),
     guidance: float = typer.Option(None, "--guidance", help="CFG scale for the first latent frame (0 = off)."),
     video_guidance: float = typer.Option(None, "--video-guidance", help="CFG scale for later latent frames (0 = off)."),
+    history_noise: float = typer.Option(None, "--history-noise", help="Noise level in [0, 1) mixed into the earlier latent frames the model conditions on (damps drift)."),
     image: Path = typer.Option(None, "--image", help="First frame image (hybrid mode)."),
     sr: bool = typer.Option(None, "--sr/--no-sr", help="2x super-resolution (needs an sr component)."),
     fps: float = typer.Option(None, "--fps", help="Frames per second of the video."),
@@ -181,7 +182,7 @@ def generate(
     prompts = _read_prompts(prompt, prompts_file)
     if format is not None and format not in FORMATS:
         raise UsageError(f"unknown format '{format}'", hint=f"use one of: {', '.join(FORMATS)}")
-    cli = _cli_settings(mode, steps, first_steps, frames, height, width, guidance, video_guidance, sr, fps)
+    cli = _cli_settings(mode, steps, first_steps, frames, height, width, guidance, video_guidance, history_noise, sr, fps)
     run = GenerateRecipe()
     if recipe is not None:
         from neodragon_cli import recipes

@@ -81,6 +81,7 @@ class GenerationSettings:
     linear_guidance: bool | None = setting(None, "decay the guidance per latent frame: max(guidance - decay * k, min)")
     min_guidance: float | None = setting(None, "lower bound of linear guidance")
     guidance_decay: float | None = setting(None, "per-latent-frame decrease of linear guidance")
+    history_noise: float | None = setting(None, "noise level c in [0, 1) mixed into the history frames (c eps + (1 - c) h) against drift")
     frames: int | None = setting(None, "video frames, 1 + 8k (49 = 7 latent frames)")
     height: int | None = setting(None, "video height in pixels, a multiple of 64 (before super-resolution)")
     width: int | None = setting(None, "video width in pixels, a multiple of 64 (before super-resolution)")
@@ -114,6 +115,8 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and value < 0:
                 problems.append(f"{name} must be >= 0, got {value}")
+        if self.history_noise is not None and not 0 <= self.history_noise < 1:
+            problems.append(f"history_noise must be in [0, 1), got {self.history_noise}")
         if self.fps is not None and self.fps <= 0:
             problems.append(f"fps must be positive, got {self.fps}")
         return problems
@@ -121,7 +124,7 @@ class GenerationSettings:
     def resolved(self) -> "GenerationSettings":
         """Fill the optional knobs and check everything; raises UsageError (one line)."""
         filled = self.over(GenerationSettings(
-            linear_guidance=False, min_guidance=2.0, guidance_decay=0.5, sr=False, prompt_modifier="",
+            linear_guidance=False, min_guidance=2.0, guidance_decay=0.5, history_noise=0.0, sr=False, prompt_modifier="",
             negative_prompt=PYRAMID_FLOW_NEGATIVE,
         ))  # fmt: skip
         unset = [f.name for f in dataclasses.fields(filled) if getattr(filled, f.name) is None]
@@ -134,7 +137,7 @@ class GenerationSettings:
         return SamplingConfig(
             first_steps=parse_steps(self.first_steps), video_steps=parse_steps(self.video_steps),
             guidance=self.guidance, video_guidance=self.video_guidance, linear_guidance=self.linear_guidance,
-            min_guidance=self.min_guidance, guidance_decay=self.guidance_decay,
+            min_guidance=self.min_guidance, guidance_decay=self.guidance_decay, history_noise=self.history_noise,
         )  # fmt: skip
 
     def as_dict(self) -> dict:

@@ -173,7 +173,10 @@ class SamplingConfig:
     """Steps and guidance. `first_*` apply to a generated latent 0 (monolithic), `video_*` to later
     units. A scale > 0 turns classifier-free guidance on for that unit ([negative, positive] batch,
     v = v_neg + g (v_pos - v_neg)); 0 means one positive-only call. With `linear_guidance`, unit u
-    uses max(guidance - guidance_decay * u, min_guidance) instead (Pyramid-Flow option)."""
+    uses max(guidance - guidance_decay * u, min_guidance) instead (Pyramid-Flow option).
+    `history_noise` c > 0 feeds the history as c eps + (1 - c) h, fresh eps per stage, like the
+    training-time corruption (c ~ U(0, corrupt_ratio)): the model's own frames then look no more
+    trustworthy than the noised true frames it learnt from, which damps frame-to-frame drift."""
 
     first_steps: tuple[int, ...] = (20, 20, 20)
     video_steps: tuple[int, ...] = (10, 10, 10)
@@ -182,6 +185,7 @@ class SamplingConfig:
     linear_guidance: bool = False
     min_guidance: float = 2.0
     guidance_decay: float = 0.5
+    history_noise: float = 0.0
 
     def unit_plan(self, unit: int) -> tuple[tuple[int, ...], float]:
         steps = self.first_steps if unit == 0 else self.video_steps
@@ -300,6 +304,9 @@ class PyramidSampler:
                 block = noise.block_noise((b, c, t, 2 * hh, 2 * ww), sched.gamma).to(latents.device)
                 latents = sched.stage_jump(latents, stage, block)
             history = history_clips(pyramid, stage, len(generated)) if generated else []
+            if config.history_noise > 0:
+                c = config.history_noise
+                history = [c * noise.randn(tuple(h.shape), kind="history_noise").to(h.device) + (1 - c) * h for h in history]
             model_history = [torch.cat([c, c]) for c in history] if cfg else history
             timesteps = sched.timesteps(steps[stage], stage)
             sigmas = sched.sigmas(steps[stage], stage)

@@ -65,8 +65,16 @@ class VAEModelSection:
     layers_per_block: list[int] = setting([1, 1, 1, 1], "resnet blocks per level")
     norm_num_groups: int = setting(8, "GroupNorm groups (must divide every width)")
     init: str = setting("", "start from the weights of this train-vae artifact (fine-tuning); empty: random init")
+    train_encoder: bool = setting(True, "false: freeze the encoder (decoder-only fine-tuning keeps the latents, so an MMDiT trained on them stays valid)")
 
     def build(self) -> CausalVideoVAE:
+        vae = self._build()
+        if not self.train_encoder:
+            for module in (vae.encoder, vae.quant_conv):
+                module.requires_grad_(False)
+        return vae
+
+    def _build(self) -> CausalVideoVAE:
         if self.init:
             # GroupNorm parameters are per channel, so the group count may change when fine-tuning
             groups = self.norm_num_groups
@@ -169,7 +177,8 @@ def _foreground(clips: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
 def vae_loss(weights: VAELossSection):
     def loss_fn(vae: CausalVideoVAE, clips: torch.Tensor, generator: torch.Generator):
         clips = _channels_last(clips)
-        posterior = vae.encode(clips)
+        with torch.set_grad_enabled(vae.quant_conv.conv.weight.requires_grad):  # a frozen encoder needs no graph
+            posterior = vae.encode(clips)
         latents = posterior.sample(generator) if weights.sample_posterior else posterior.mode()
         recon = vae.decode(latents).float()
         weight = 1.0
@@ -236,9 +245,21 @@ def judge_reconstructions(vae: CausalVideoVAE, world: WorldSection, count: int, 
     return report
 
 
+def _parent_norm_file(init: str) -> Path:
+    if not init:
+        raise UsageError("model.train_encoder=false needs model.init (a frozen random encoder encodes nothing)",
+                         hint="pass model.init=PATH of the train-vae artifact the MMDiT was trained on")
+    path = Path(init) / "latent_norm.json"
+    if not path.is_file():
+        raise UsageError(f"model.train_encoder=false: {init} is not a train-vae artifact (no latent_norm.json to keep)")
+    return path
+
+
 def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> Path:
     """Train, then write the artifact `out/` (vae/ folder + latent_norm.json)."""
     work = out.with_name(out.name + ".work")
+    if not recipe.model.train_encoder:
+        _parent_norm_file(recipe.model.init)  # fail before training, not after
     vae = recipe.model.build().to(memory_format=torch.channels_last_3d)
     sample = _clip_sampler(recipe)
     trainer = Trainer(
@@ -250,7 +271,10 @@ def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bo
         console.print(f"stopped at step {result.step}; continue with --resume (checkpoints in {work})")
         raise SystemExit(0)
     vae = trainer.model.eval().to(memory_format=torch.contiguous_format)
-    norm = measure_latent_norm(vae, recipe.world, recipe.data.norm_videos)
+    if recipe.model.train_encoder:
+        norm = measure_latent_norm(vae, recipe.world, recipe.data.norm_videos)
+    else:  # same encoder, same latents: keep the normalisation a trained MMDiT expects
+        norm = LatentNorm(**json.loads(_parent_norm_file(recipe.model.init).read_text()))
     reconstruction = {}
     if recipe.data.judge_videos:
         reconstruction = judge_reconstructions(vae, recipe.world, recipe.data.judge_videos)
@@ -313,6 +337,7 @@ class SamplingSection:
     first_frame_steps: list[int] = setting([10, 10, 10], "steps per stage for the first latent frame")
     guidance: float = setting(7.0, "first-frame classifier-free guidance")
     video_guidance: float = setting(5.0, "later-frames classifier-free guidance")
+    history_noise: float = setting(0.0, "noise mixed into the history frames when sampling (within flow.corrupt_ratio)")
 
 
 @recipe_schema("train-t2v")
@@ -334,6 +359,8 @@ class TrainT2VRecipe:
             problems.append("flow.sample_ratios needs one entry per pyramid stage (3)")
         elif self.train.batch_size % sum(self.flow.sample_ratios):
             problems.append(f"train.batch_size must be a multiple of sum(flow.sample_ratios) = {sum(self.flow.sample_ratios)}")
+        if not 0 <= self.sampling.history_noise < 1:
+            problems.append(f"sampling.history_noise must be in [0, 1), got {self.sampling.history_noise}")
         return problems
 
 
@@ -479,7 +506,7 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
         "latent_norm": dataclasses.asdict(norm),
         "sampling": {
             "mode": "monolithic", "video_steps": list(s.steps), "first_steps": list(s.first_frame_steps),
-            "guidance": s.guidance, "video_guidance": s.video_guidance, "frames": recipe.world.frames,
+            "guidance": s.guidance, "video_guidance": s.video_guidance, "history_noise": s.history_noise, "frames": recipe.world.frames,
             "height": recipe.world.height, "width": recipe.world.width, "fps": 24, "sr": False,
             "negative_prompt": "",
         },

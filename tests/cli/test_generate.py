@@ -93,7 +93,7 @@ def test_prompts_file_options_json_and_profile(tiny_model, tmp_path):
     out, summary = tmp_path / "videos", tmp_path / "run.json"
     result = _run(
         "--prompts-file", prompts, "-o", out, "--model", tiny_model, "--format", "png", "--steps", "1-1-1",
-        "--frames", 9, "--guidance", 0, "--video-guidance", 0, "--fps", 12, "--json", summary, "--profile",
+        "--frames", 9, "--guidance", 0, "--video-guidance", 0, "--history-noise", 0.2, "--fps", 12, "--json", summary, "--profile",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "per-component time" in result.output
@@ -103,6 +103,7 @@ def test_prompts_file_options_json_and_profile(tiny_model, tmp_path):
         folder = tmp_path / "videos" / video["video"].split("/")[-1]
         assert len(list(folder.glob("*.png"))) == 9 and video["fps"] == 12
         assert video["settings"]["video_steps"] == [1, 1, 1] and video["timing"]["components"]["mmdit"]["calls"] == 6
+        assert video["settings"]["history_noise"] == 0.2
 
 
 def test_recipe_and_set_override(tiny_model, tmp_path):
@@ -136,6 +137,7 @@ def test_hybrid_with_image(tiny_model, tmp_path):
         (["x", "--model", "MODEL", "--steps", "1-x-1"], "--steps"),
         (["x", "--model", "MODEL", "--steps", "1-1"], "--steps"),
         (["x", "--model", "MODEL", "--format", "avi"], "unknown format"),
+        (["x", "--model", "MODEL", "--history-noise", "1"], "history_noise must be in [0, 1)"),
         (["x", "--model", "/no/such/model/dir"], "model path does not exist"),
         (["x", "--model", "no-such-model"], "no embedded model"),
         (["x", "--model", "MODEL", "--mode", "hybrid"], "first-frame generator"),

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from neodragon_cli.app import app
@@ -45,6 +47,19 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     assert {"semantic", "quality", "psnr", "count", "colour", "shape"} <= set(reconstruction)
     assert 0.0 <= reconstruction["semantic"] <= 1.0
 
+    # decoder-only fine-tuning: the encoder, so the latents and their normalisation, stay as they were
+    dec_out = tmp_path / "vae-dec"
+    _ok(runner.invoke(app, [
+        "train", "shapes/teacher_vae_long", "-o", str(dec_out), *WORLD, *TRAIN, "train.batch_size=1", "train.lr=1e-2",
+        "data.crop=32", "data.clip_frames=9", "data.judge_videos=0",
+        "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4", f"model.init={long_out}", "model.train_encoder=false",
+    ]))
+    before, after = (load_file(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (long_out, dec_out))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert (dec_out / "latent_norm.json").read_text() == (long_out / "latent_norm.json").read_text()
+
     _ok(runner.invoke(app, [
         "train", "shapes/teacher_t2v", "-o", str(t2v_out), *WORLD, *TRAIN, "train.batch_size=4",
         f"data.vae={vae_out}", "data.videos=4", "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
@@ -73,6 +88,11 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
 def test_vae_init_must_match_the_recipe(tmp_path):
     result = runner.invoke(app, ["train", "shapes/teacher_vae_long", "-o", str(tmp_path / "x"), f"model.init={tmp_path}"])
     assert result.exit_code == 2 and "neither a train-vae artifact nor a VAE folder" in result.output
+
+
+def test_frozen_encoder_needs_a_trained_one(tmp_path):
+    result = runner.invoke(app, ["train", "shapes/teacher_vae", "-o", str(tmp_path / "x"), "model.train_encoder=false"])
+    assert result.exit_code == 2 and "model.train_encoder=false needs model.init" in result.output
 
 
 def test_t2v_requires_vae_artifact(tmp_path):

@@ -178,3 +178,23 @@ def test_sample_unit_with_the_samplers_own_history_reproduces_it_and_uses_the_hi
     assert all(torch.equal(a, b) for a, b in zip(replay([[], frames[:1], frames[:2]]), frames))
     forced = replay([[], frames[:1], [frames[0], frames[1] + 1.0]])
     assert torch.equal(forced[1], frames[1]) and not torch.allclose(forced[2], frames[2])
+
+
+def test_history_noise_mixes_fresh_noise_into_every_history_clip():
+    seen = []
+
+    def logging_denoiser(clips, text, timestep):
+        seen.append([c.clone() for c in clips[:-1]])
+        return torch.zeros_like(clips[-1])
+
+    first = torch.ones(1, 4, 1, 8, 16)
+    sampler = PyramidSampler(logging_denoiser)
+    config = SamplingConfig(video_steps=(1, 1, 1), guidance=0.0, video_guidance=0.0, history_noise=0.25)
+    list(sampler.latent_frames(_text(), num_frames=2, latent_channels=4, latent_size=(8, 16), config=config,
+                               noise=SeededNoise(0), first_latent=first))
+    clean = [history_clips([torch.ones(1, 4, 1, 2, 4), torch.ones(1, 4, 1, 4, 8), first], s, 1)[0] for s in range(3)]
+    for stage, (histories, ones) in enumerate(zip(seen, clean)):
+        (h,) = histories
+        eps = (h - 0.75 * ones) / 0.25  # the mixed-in noise: unit variance, not the clean frame
+        assert h.shape == ones.shape and 0.5 < eps.std() < 1.5 and abs(eps.mean()) < 0.5, stage
+    assert not torch.allclose(seen[1][0].mean(), seen[2][0].mean())  # fresh noise per stage
