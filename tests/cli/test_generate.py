@@ -171,3 +171,17 @@ def test_super_resolution_doubles_the_frames(tiny_model, tmp_path):
     frames, _ = read_video(out)
     assert frames.shape == (9, 128, 128, 3)
     assert json.loads((tmp_path / "sr-frames.json").read_text())["timing"]["components"]["sr"]["calls"] >= 2
+
+
+def test_history_noise_changes_only_the_frames_after_latent_0(tiny_model, tmp_path):
+    from neodragon_cli.pipelines.data.video_io import read_video
+
+    videos = {}
+    for noise in ("0", "0.5"):
+        out = tmp_path / f"hn{noise}" / "frames"
+        result = _run("a red circle", "-o", out, "--format", "png", "--model", tiny_model, "--frames", 9, "--history-noise", noise)
+        assert result.exit_code == 0, result.output
+        videos[noise] = read_video(out)[0].astype(int)
+    plain, noised = videos["0"], videos["0.5"]
+    assert np.array_equal(plain[0], noised[0])  # latent 0 has no history; the causal decoder keeps frame 0 apart
+    assert np.abs(plain[1:] - noised[1:]).max() > 0
