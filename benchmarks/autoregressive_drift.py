@@ -8,7 +8,7 @@ Each is compared with the true frame k (MSE in the normalised latent space), nex
 repeating frame k-1. A model that had learnt the dynamics would sit well below that baseline when
 teacher-forced; free-running errors that grow with k are exposure bias.
 
-    python benchmarks/autoregressive_drift.py [MODEL] [--videos 4] [--split train] [--guidance 0]
+    python benchmarks/autoregressive_drift.py [MODEL] [--videos 4] [--split train] [--guidance 0] [--history-noise 0]
 
 MODEL is a pipeline folder or an embedded model name (default: the embedded default). Prints the
 per-frame table and the ratio free-running / teacher-forced error on the last frame.
@@ -37,13 +37,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=123, help="seed of the rendered videos (training used 0)")
     parser.add_argument("--steps", default="10-10-10")
     parser.add_argument("--guidance", type=float, default=0.0, help="CFG scale for every frame (0: off)")
+    parser.add_argument("--history-noise", type=float, default=0.0, help="noise mixed into the history when sampling (both histories)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     pipe = VideoPipeline.from_pretrained(resolve_model(args.model))
     steps = parse_steps(args.steps)
-    config = SamplingConfig(first_steps=steps, video_steps=steps, guidance=args.guidance, video_guidance=args.guidance)
+    config = SamplingConfig(first_steps=steps, video_steps=steps, guidance=args.guidance, video_guidance=args.guidance,
+                            history_noise=args.history_noise)
     sampler = PyramidSampler(mmdit_denoiser(pipe.mmdit))
     negative = pipe.encode_prompts([""], Profiler())
     dataset = ShapesVideoDataset(ShapesWorld(), length=args.videos, seed=args.seed, split=args.split)
@@ -72,7 +74,7 @@ def main() -> None:
             errors[name].append(per[name])
         print(f"video {i}: {prompt}")
 
-    print(f"\nlatent MSE to the true frame, mean over {args.videos} {args.split} videos ({args.steps} steps, CFG {args.guidance:g})")
+    print(f"\nlatent MSE to the true frame, mean over {args.videos} {args.split} videos ({args.steps} steps, CFG {args.guidance:g}, history noise {args.history_noise:g})")
     print(f"{'latent frame':<16}" + "".join(f"{k:>8}" for k in range(1, true.shape[2])))
     for name, rows in errors.items():
         print(f"{name:<16}" + "".join(f"{v:>8.3f}" for v in np.mean(rows, axis=0)))
