@@ -305,8 +305,8 @@ class PyramidSampler:
                 latents = sched.stage_jump(latents, stage, block)
             history = history_clips(pyramid, stage, len(generated)) if generated else []
             if config.history_noise > 0:
-                c = config.history_noise
-                history = [c * noise.randn(tuple(h.shape), kind="history_noise").to(h.device) + (1 - c) * h for h in history]
+                mix = config.history_noise
+                history = [mix * noise.randn(tuple(h.shape), kind="history_noise").to(h.device) + (1 - mix) * h for h in history]
             model_history = [torch.cat([c, c]) for c in history] if cfg else history
             timesteps = sched.timesteps(steps[stage], stage)
             sigmas = sched.sigmas(steps[stage], stage)
