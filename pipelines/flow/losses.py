@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from neodragon_cli.pipelines.flow.sampler import NoiseSource, TextConditioning, history_clips
+from neodragon_cli.pipelines.flow.sampler import NoiseSource, TextConditioning, corrupt_history, history_clips
 from neodragon_cli.pipelines.flow.scheduler import (
     PyramidFlowScheduler,
     latent_pyramid,
@@ -133,7 +133,7 @@ def build_flow_batch(
                 c = corrupt_ratio * noise.rand((len(idx),), kind="history_sigma").to(latents.device)
                 c = c.view(-1, 1, 1, 1, 1)
                 # drawn newest clip first, like the reference, then kept oldest first
-                history = [c * noise.randn(tuple(h.shape), kind="history_noise").to(h.device) + (1 - c) * h for h in history[::-1]][::-1]
+                history = [corrupt_history(h, c, noise) for h in history[::-1]][::-1]
         r = ratio.view(-1, 1, 1, 1, 1)
         columns.append(FlowColumn(s, idx, history + [r * start + (1 - r) * end], start - end, ratio, tstep))
         timesteps[idx] = tstep

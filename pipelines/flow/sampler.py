@@ -238,6 +238,12 @@ def history_clips(pyramid: Sequence[torch.Tensor], stage: int, end: int) -> list
     return clips[::-1]
 
 
+def corrupt_history(clip: torch.Tensor, mix, noise: NoiseSource) -> torch.Tensor:
+    """mix * eps + (1 - mix) * clip, eps a fresh `history_noise` draw; `mix` a float or a per-sample
+    tensor broadcastable to the clip (training draws it per sample, sampling uses a fixed level)."""
+    return mix * noise.randn(tuple(clip.shape), kind="history_noise").to(clip.device) + (1 - mix) * clip
+
+
 # ---------------------------------------------------------------------- sampler
 
 
@@ -305,8 +311,7 @@ class PyramidSampler:
                 latents = sched.stage_jump(latents, stage, block)
             history = history_clips(pyramid, stage, len(generated)) if generated else []
             if config.history_noise > 0:
-                mix = config.history_noise
-                history = [mix * noise.randn(tuple(h.shape), kind="history_noise").to(h.device) + (1 - mix) * h for h in history]
+                history = [corrupt_history(h, config.history_noise, noise) for h in history]
             model_history = [torch.cat([c, c]) for c in history] if cfg else history
             timesteps = sched.timesteps(steps[stage], stage)
             sigmas = sched.sigmas(steps[stage], stage)
