@@ -29,7 +29,16 @@ from neodragon_cli.artifacts import ArtifactWriter
 from neodragon_cli.atomic import save_safetensors, write_json
 from neodragon_cli.console import console, progress
 from neodragon_cli.errors import UsageError
-from neodragon_cli.pipelines.data.shapes import ObjectSpec, PromptSpec, ShapesVideoDataset, ShapesWorld, caption, video_tensor
+from neodragon_cli.pipelines.data.shapes import (
+    SIZES,
+    ObjectSpec,
+    PromptSpec,
+    Scene,
+    ShapesVideoDataset,
+    ShapesWorld,
+    caption,
+    video_tensor,
+)
 from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
 from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
@@ -323,6 +332,8 @@ class FlowSection:
     sample_ratios: list[int] = setting([1, 2, 1], "columns per pyramid stage (low, mid, high) in a batch")
     text_dropout: float = setting(0.1, "fraction of prompts replaced by the empty prompt (for CFG)")
     corrupt_ratio: float = setting(1 / 3, "history corruption c ~ U(0, corrupt_ratio)")
+    object_weight: float = setting(0.0, "extra loss weight on latent cells an object's box covers (0 = plain MSE)")
+    first_frame_share: float = setting(0.0, "probability that a stage trains latent frame 0 alone, else 1..T uniform")
 
 
 @dataclass
@@ -359,6 +370,10 @@ class TrainT2VRecipe:
             problems.append("flow.sample_ratios needs one entry per pyramid stage (3)")
         elif self.train.batch_size % sum(self.flow.sample_ratios):
             problems.append(f"train.batch_size must be a multiple of sum(flow.sample_ratios) = {sum(self.flow.sample_ratios)}")
+        if self.flow.object_weight < 0:
+            problems.append(f"flow.object_weight must be >= 0, got {self.flow.object_weight}")
+        if not 0 <= self.flow.first_frame_share <= 1:
+            problems.append(f"flow.first_frame_share must be in [0, 1], got {self.flow.first_frame_share}")
         if not 0 <= self.sampling.history_noise < 1:
             problems.append(f"sampling.history_noise must be in [0, 1), got {self.sampling.history_noise}")
         return problems
@@ -430,6 +445,32 @@ def encode_latent_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: Laten
     return latents.float()
 
 
+def latent_object_mask(world: ShapesWorld, scene: Scene, grid: tuple[int, int], temporal: int = 8) -> np.ndarray:
+    """`[T', h, w]` float32: 1 on the latent cells that an object's bounding box touches during the
+    pixel frames a latent frame encodes (frame 0 alone, then `temporal` frames each), else 0."""
+    h, w = grid
+    mask = np.zeros((1 + (world.frames - 1) // temporal, h, w), np.float32)
+    for obj in scene.objects:
+        cx, cy = obj.centres(world.frames)
+        side = SIZES[obj.size] * min(world.height, world.width)
+        hx, hy = side / 2 / world.width, side / 2 / world.height
+        for k in range(mask.shape[0]):
+            span = slice(0, 1) if k == 0 else slice(temporal * (k - 1) + 1, temporal * k + 1)
+            x0, x1 = np.floor((cx[span].min() - hx) * w), np.ceil((cx[span].max() + hx) * w)
+            y0, y1 = np.floor((cy[span].min() - hy) * h), np.ceil((cy[span].max() + hy) * h)
+            mask[k, max(int(y0), 0) : max(int(y1), 0), max(int(x0), 0) : max(int(x1), 0)] = 1.0
+    return mask
+
+
+def draw_units(generator: torch.Generator, frames: int, first_share: float = 0.0) -> list[int]:
+    """Latent frames trained per pyramid stage: 1..frames uniformly, or 1 alone (the first frame, an
+    image) with probability `first_share`, since the first frame sets every later one."""
+    units = torch.randint(1, frames + 1, (3,), generator=generator)
+    if first_share > 0:
+        units = torch.where(torch.rand(3, generator=generator) < first_share, 1, units)
+    return [int(u) for u in units]
+
+
 def t2v_loss(recipe: TrainT2VRecipe):
     ratios = tuple(recipe.flow.sample_ratios)
 
@@ -439,9 +480,10 @@ def t2v_loss(recipe: TrainT2VRecipe):
         text = model.condition(batch["captions"])
         null = model.condition([""])
         # temporal pyramid: each stage trains one frame position, with the frames before it as history
-        units = [int(u) for u in torch.randint(1, latents.shape[2] + 1, (3,), generator=generator)]
+        units = draw_units(generator, latents.shape[2], recipe.flow.first_frame_share)
         flow = build_flow_batch(latents, text, null, noise, sample_ratios=ratios, units_per_stage=units,
-                                corrupt_ratio=recipe.flow.corrupt_ratio, text_dropout=recipe.flow.text_dropout)
+                                corrupt_ratio=recipe.flow.corrupt_ratio, text_dropout=recipe.flow.text_dropout,
+                                focus=batch.get("object_masks"), focus_weight=recipe.flow.object_weight)
         out = pyramid_flow_loss(model.mmdit, flow)
         stage_of_sample = torch.tensor([c.stage for c in flow.columns for _ in c.samples])  # column order
         per_stage = {f"loss_stage{s}": out.per_sample[stage_of_sample == s].mean().detach()
@@ -464,7 +506,11 @@ def _batches(recipe: TrainT2VRecipe, latents: torch.Tensor):
     def batch(positions: range) -> dict:
         index = [derive_seed(recipe.world.seed, p) % latents.shape[0] for p in positions]
         captions = [caption(scene(i), np.random.default_rng((recipe.world.seed, p, 2))).text for i, p in zip(index, positions)]
-        return {"latents": latents[index], "captions": captions}
+        out = {"latents": latents[index], "captions": captions}
+        if recipe.flow.object_weight > 0:
+            grid = tuple(latents.shape[-2:])
+            out["object_masks"] = torch.from_numpy(np.stack([latent_object_mask(dataset.world, scene(i), grid) for i in index]))
+        return out
 
     return batch
 

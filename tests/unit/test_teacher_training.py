@@ -1,0 +1,109 @@
+"""Pieces of the Shapes teacher's stage 2 that steer what the MMDiT learns: the object-weighted flow
+loss (latent object masks from the scene) and the extra first-frame share of the temporal pyramid."""
+
+import numpy as np
+import pytest
+import torch
+
+from neodragon_cli.pipelines.data.shapes import BACKGROUNDS, Scene, ShapeObject, ShapesWorld
+from neodragon_cli.pipelines.flow.losses import build_flow_batch, flow_matching_loss
+from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
+from neodragon_cli.pipelines.train.shapes_teacher import TrainT2VRecipe, draw_units, latent_object_mask
+
+SCENES = [
+    Scene("black", (ShapeObject("circle", "red", "small", "static", 0.5, 0.5),)),
+    Scene("navy", (ShapeObject("square", "white", "large", "right", 0.3, 0.6),)),
+    Scene("gray", (ShapeObject("triangle", "blue", "small", "up", 0.25, 0.7),
+                   ShapeObject("circle", "yellow", "large", "down", 0.7, 0.3))),
+]
+
+
+@pytest.mark.parametrize("scene", SCENES)
+def test_latent_object_mask_covers_every_rendered_object_pixel_and_little_else(scene):
+    world = ShapesWorld(frames=17)
+    frames = world.render(scene).astype(int)
+    touched = np.abs(frames - np.asarray(BACKGROUNDS[scene.background])).sum(-1) > 0  # [T, H, W]
+    mask = latent_object_mask(world, scene, (16, 16))
+    assert mask.shape == (3, 16, 16)
+    for k in range(3):
+        span = touched[:1] if k == 0 else touched[8 * k - 7 : 8 * k + 1]
+        cells = span.any(0).reshape(16, 8, 16, 8).any((1, 3))  # latent cells with an object pixel
+        assert mask[k][cells].all()
+        # the box over-covers only by the cells a shape's corners miss, plus one partial cell a side
+        assert mask[k].sum() <= (cells.sum(0).max() + 2) * (cells.sum(1).max() + 2) * len(scene.objects)
+
+
+def test_moving_object_mask_follows_the_motion():
+    scene = SCENES[1]  # moving right
+    mask = latent_object_mask(ShapesWorld(), scene, (16, 16))
+    columns = [np.flatnonzero(m.any(0)) for m in mask]
+    assert columns[-1].min() > columns[0].min() and columns[-1].max() > columns[0].max()
+    rows = [np.flatnonzero(m.any(1)) for m in mask]
+    assert all((r == rows[0]).all() for r in rows)
+
+
+def test_first_frame_share_draws_frame_zero_that_often():
+    generator = torch.Generator().manual_seed(0)
+    assert all(draw_units(generator, 7, 1.0) == [1, 1, 1] for _ in range(20))
+    for share in (0.0, 0.5):
+        draws = np.array([draw_units(generator, 7, share) for _ in range(3000)])
+        assert draws.min() == 1 and draws.max() == 7
+        assert (draws == 1).mean() == pytest.approx(share + (1 - share) / 7, abs=0.02)
+
+
+def _batch(focus, focus_weight, temporal=True):
+    torch.manual_seed(0)
+    latents = torch.randn(4, 16, 3, 16, 16)
+    text = TextConditioning(torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.long), torch.randn(4, 6))
+    null = TextConditioning(torch.zeros(1, 5, 8), torch.ones(1, 5, dtype=torch.long), torch.zeros(1, 6))
+    return build_flow_batch(latents, text, null, SeededNoise(1), temporal_pyramid=temporal, units_per_stage=(1, 2, 3),
+                            focus=focus, focus_weight=focus_weight)
+
+
+def test_focus_weights_follow_the_mask_at_each_pyramid_level():
+    focus = torch.zeros(4, 3, 16, 16)
+    focus[:, :, 4:8, 8:12] = 1
+    batch = _batch(focus, 8.0)
+    for column in batch.columns:
+        weight, target = column.weight, column.target
+        assert weight.shape[0] == target.shape[0] and weight.shape[2:] == target.shape[2:]
+        scale = 16 // target.shape[-1]  # 4, 2, 1 for stages 0, 1, 2
+        cell = slice(4 // scale, 8 // scale), slice(8 // scale, 12 // scale)
+        assert torch.all(weight[..., cell[0], cell[1]] == 9.0)
+        outside = torch.ones_like(weight, dtype=torch.bool)
+        outside[..., cell[0], cell[1]] = False
+        assert torch.all(weight[outside] == 1.0)
+
+
+def test_weighted_loss_counts_object_cells_more_and_reduces_to_plain_mse():
+    focus = torch.zeros(4, 3, 16, 16)
+    focus[:, :, 4:8, 8:12] = 1
+    plain, weighted, empty = _batch(None, 0.0), _batch(focus, 8.0), _batch(torch.zeros_like(focus), 8.0)
+    assert all(c.weight is None for c in plain.columns)
+
+    def predictions(batch, inside: bool):
+        preds = []
+        for c in batch.columns:
+            scale = 16 // c.target.shape[-1]
+            delta = torch.zeros_like(c.target)
+            delta[..., 4 // scale : 8 // scale, 8 // scale : 12 // scale] = 1.0
+            preds.append(c.target + (delta if inside else 1 - delta))
+        return preds
+
+    # the same draws: every batch has identical targets, only the weights differ
+    for a, b in zip(plain.columns, weighted.columns):
+        torch.testing.assert_close(a.target, b.target)
+    for inside in (True, False):
+        torch.testing.assert_close(flow_matching_loss(predictions(empty, inside), empty).loss,
+                                   flow_matching_loss(predictions(plain, inside), plain).loss)
+    assert (flow_matching_loss(predictions(weighted, True), weighted).loss
+            > 2 * flow_matching_loss(predictions(plain, True), plain).loss)
+    assert (flow_matching_loss(predictions(weighted, False), weighted).loss
+            < flow_matching_loss(predictions(plain, False), plain).loss)
+
+
+def test_recipe_rejects_bad_focus_settings():
+    recipe = TrainT2VRecipe()
+    recipe.flow.object_weight, recipe.flow.first_frame_share = -1.0, 1.5
+    problems = recipe.validate()
+    assert any("flow.object_weight" in p for p in problems) and any("flow.first_frame_share" in p for p in problems)
