@@ -115,6 +115,7 @@ class VAELossSection:
     mse: float = setting(1.0, "weight of the MSE reconstruction loss")
     kl: float = setting(1e-6, "weight of the KL term (per element)")
     foreground: float = setting(0.0, "extra reconstruction weight on pixels that differ from the clip's background")
+    linear_colour: float = setting(0.0, "weight of the loss making latent channels 0-2 the mean RGB of the pixels each latent cell encodes")
     sample_posterior: bool = setting(False, "decode a posterior sample (true) or its mean (false: steadier on CPU budgets)")
 
 
@@ -146,6 +147,10 @@ class TrainVAERecipe:
             problems.append("data.crop must be a multiple of 8 within the canvas")
         if any(c % self.model.norm_num_groups for c in self.model.block_out_channels):
             problems.append("model.norm_num_groups must divide every block_out_channels entry")
+        if self.loss.linear_colour < 0:
+            problems.append(f"loss.linear_colour must be >= 0, got {self.loss.linear_colour}")
+        elif self.loss.linear_colour and not self.model.train_encoder:
+            problems.append("loss.linear_colour shapes the encoder's latents: it needs model.train_encoder=true")
         return problems
 
 
@@ -183,6 +188,15 @@ def _foreground(clips: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     return ((clips - background).abs().amax(dim=1, keepdim=True) > threshold).float()
 
 
+def pooled_colour(clips: torch.Tensor, temporal: int = 8, spatial: int = 8) -> torch.Tensor:
+    """Mean RGB of the pixels each latent cell of the causal VAE encodes: `[B, 3, T, H, W]` ->
+    `[B, 3, 1 + (T - 1) / temporal, H / spatial, W / spatial]` (frame 0 alone, then `temporal` frames each)."""
+    first, rest = clips[:, :, :1], clips[:, :, 1:]
+    b, c, t, h, w = rest.shape
+    rest = rest.reshape(b, c, t // temporal, temporal, h, w).mean(3)
+    return torch.nn.functional.avg_pool3d(torch.cat([first, rest], 2), (1, spatial, spatial))
+
+
 def vae_loss(weights: VAELossSection):
     def loss_fn(vae: CausalVideoVAE, clips: torch.Tensor, generator: torch.Generator):
         clips = _channels_last(clips)
@@ -198,7 +212,15 @@ def vae_loss(weights: VAELossSection):
         mse = (weight * (recon - clips) ** 2).mean()
         kl = posterior.kl().mean() / clips[0].numel()
         loss = weights.l1 * l1 + weights.mse * mse + weights.kl * kl
-        return loss, {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+        metrics = {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+        if weights.linear_colour:
+            # A latent whose cells carry their pixels' mean colour linearly keeps colour through the
+            # MMDiT's pyramid (2x2 latent means = mean colours of larger regions) and in few dimensions
+            # the flow loss cannot ignore; left alone, this VAE entangles colour with shape.
+            colour = ((posterior.mean[:, :3].float() - pooled_colour(clips.float())) ** 2).mean()
+            loss = loss + weights.linear_colour * colour
+            metrics["linear_colour"] = colour.detach()
+        return loss, metrics
 
     return loss_fn
 

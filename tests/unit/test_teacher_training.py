@@ -8,7 +8,14 @@ import torch
 from neodragon_cli.pipelines.data.shapes import BACKGROUNDS, Scene, ShapeObject, ShapesWorld
 from neodragon_cli.pipelines.flow.losses import build_flow_batch, flow_matching_loss
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
-from neodragon_cli.pipelines.train.shapes_teacher import TrainT2VRecipe, draw_units, latent_object_mask
+from neodragon_cli.pipelines.train.shapes_teacher import (
+    TrainT2VRecipe,
+    TrainVAERecipe,
+    draw_units,
+    latent_object_mask,
+    pooled_colour,
+    vae_loss,
+)
 
 SCENES = [
     Scene("black", (ShapeObject("circle", "red", "small", "static", 0.5, 0.5),)),
@@ -107,3 +114,39 @@ def test_recipe_rejects_bad_focus_settings():
     recipe.flow.object_weight, recipe.flow.first_frame_share = -1.0, 1.5
     problems = recipe.validate()
     assert any("flow.object_weight" in p for p in problems) and any("flow.first_frame_share" in p for p in problems)
+
+
+def test_pooled_colour_is_the_mean_of_the_pixels_each_latent_cell_encodes():
+    world = ShapesWorld(frames=17)
+    clip = world.render(SCENES[2]).astype(np.float64) / 127.5 - 1  # [T, H, W, 3]
+    pooled = pooled_colour(torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float())
+    assert pooled.shape == (1, 3, 3, 16, 16)
+    for k, frames in enumerate([clip[:1], clip[1:9], clip[9:17]]):
+        expected = frames.reshape(len(frames), 16, 8, 16, 8, 3).mean((0, 2, 4))  # [16, 16, 3]
+        np.testing.assert_allclose(pooled[0, :, k].permute(1, 2, 0).numpy(), expected, atol=1e-5)
+
+
+def test_linear_colour_loss_ties_latent_channels_0_to_2_to_pooled_colour():
+    recipe = TrainVAERecipe()
+    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    recipe.loss.linear_colour = 1.0
+    torch.manual_seed(0)
+    vae = recipe.model.build()
+    clips = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    loss, metrics = vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mean = vae.encode(clips).mean
+    expected = ((mean[:, :3] - pooled_colour(clips)) ** 2).mean()
+    torch.testing.assert_close(metrics["linear_colour"], expected, rtol=1e-4, atol=1e-6)
+    loss.backward()
+    assert vae.encoder.conv_in.conv.weight.grad.abs().sum() > 0
+    recipe.loss.linear_colour = 0.0
+    assert "linear_colour" not in vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[1]
+
+
+def test_linear_colour_needs_a_trained_encoder():
+    recipe = TrainVAERecipe()
+    recipe.loss.linear_colour, recipe.model.train_encoder = 1.0, False
+    assert any("loss.linear_colour" in p for p in recipe.validate())
+    recipe.loss.linear_colour = -1.0
+    assert any("loss.linear_colour must be >= 0" in p for p in recipe.validate())
