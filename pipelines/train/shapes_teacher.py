@@ -126,6 +126,7 @@ class VAEDataSection:
     object_crops: float = setting(0.0, "fraction of crops placed around an object (the rest anywhere)")
     norm_videos: int = setting(32, "whole videos encoded to measure the latent normalisation")
     judge_videos: int = setting(20, "held-out videos whose reconstructions are judged at the end (0: skip)")
+    readout_videos: int = setting(0, "training scenes for the latent colour read-out check at the end (0: skip)")
 
 
 @recipe_schema("train-vae")
@@ -276,6 +277,46 @@ def judge_reconstructions(vae: CausalVideoVAE, world: WorldSection, count: int, 
     return report
 
 
+@torch.no_grad()
+def latent_colour_readout(vae: CausalVideoVAE, world: WorldSection, count: int) -> dict[str, float]:
+    """How well a linear read-out names an object's colour from its latent, at each level of the
+    MMDiT's pyramid (2x2 means). First frames of `count` one-object training scenes are encoded; the
+    feature is the object cells' mean latent minus the background's (the per-channel median); class
+    means and a pooled within-class covariance fitted on the first half classify the second half.
+    The ceiling of how well the MMDiT can learn colour from these latents with its text conditioning."""
+    from neodragon_cli.pipelines.data.shapes import COLOURS
+    from neodragon_cli.pipelines.flow.scheduler import latent_pyramid
+
+    w = world.world()
+    dataset = ShapesVideoDataset(w, length=count, seed=world.seed + 5_555, split="train")
+    features: list[list[torch.Tensor]] = [[], [], []]
+    labels = []
+    for i in range(count):
+        scene, _, frames = dataset.item(i)
+        if len(scene.objects) != 1:
+            continue
+        latent = encode_videos(vae, video_tensor(frames[:1])[None])  # the causal VAE encodes frame 0 alone
+        mask = torch.from_numpy(latent_object_mask(w, scene, tuple(latent.shape[-2:])))[:1]
+        for level, (lat, m) in enumerate(zip(latent_pyramid(latent, 3), latent_pyramid(mask[None, None], 3))):
+            lat, m = lat[0, :, 0], m[0, 0, 0]
+            features[level].append((lat * m).sum((1, 2)) / m.sum() - lat.flatten(1).median(1).values)
+        labels.append(list(COLOURS).index(scene.objects[0].colour))
+    y = torch.tensor(labels)
+    fit, test = slice(0, len(y) // 2), slice(len(y) // 2, None)
+    report = {}
+    for level, rows in enumerate(features):
+        x = torch.stack(rows).double()
+        seen = sorted(set(y[fit].tolist()))  # a colour absent from the fitted half is never predicted
+        means = torch.stack([x[fit][y[fit] == c].mean(0) for c in seen])
+        within = torch.cov((x[fit] - means[[seen.index(c) for c in y[fit].tolist()]]).T)
+        within = within + 1e-6 * torch.eye(x.shape[1], dtype=x.dtype)
+        diff = x[test][:, None] - means[None]
+        distance = torch.einsum("nci,ij,ncj->nc", diff, torch.linalg.inv(within), diff)
+        predicted = torch.tensor(seen)[distance.argmin(1)]
+        report[f"level{level}"] = float((predicted == y[test]).double().mean())
+    return report
+
+
 def _parent_norm_file(init: str) -> Path:
     if not init:
         raise UsageError("model.train_encoder=false needs model.init (a frozen random encoder encodes nothing)",
@@ -310,12 +351,17 @@ def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bo
     if recipe.data.judge_videos:
         reconstruction = judge_reconstructions(vae, recipe.world, recipe.data.judge_videos)
         console.print("reconstructions of held-out videos: " + ", ".join(f"{k} {v:.3f}" for k, v in reconstruction.items()))
+    readout = {}
+    if recipe.data.readout_videos:
+        readout = latent_colour_readout(vae, recipe.world, recipe.data.readout_videos)
+        console.print("latent colour read-out per pyramid level: " + ", ".join(f"{k} {v:.3f}" for k, v in readout.items()))
     parent = Path(recipe.model.init) if recipe.model.init and (Path(recipe.model.init) / "state.json").is_file() else None
     with ArtifactWriter(out, command="train-vae", recipe_yaml=recipe_yaml, overwrite=overwrite, parent=parent) as art:
         vae.save_pretrained(art.path / "vae")
         write_json(art.path / "latent_norm.json", dataclasses.asdict(norm))
         _copy_metrics(work, art)
-        art.record("train-vae", steps=result.step, latent_norm=dataclasses.asdict(norm), reconstruction=reconstruction)
+        art.record("train-vae", steps=result.step, latent_norm=dataclasses.asdict(norm), reconstruction=reconstruction,
+                   latent_colour_readout=readout)
     return out
 
 

@@ -38,14 +38,17 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     long_out = tmp_path / "vae-long"
     _ok(runner.invoke(app, [
         "train", "shapes/teacher_vae_long", "-o", str(long_out), *WORLD, *TRAIN, "train.batch_size=1",
-        "data.crop=32", "data.clip_frames=9", "data.norm_videos=2", "data.judge_videos=2",
-        "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4", f"model.init={vae_out}",
+        "data.crop=32", "data.clip_frames=9", "data.norm_videos=2", "data.judge_videos=2", "data.readout_videos=24",
+        "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4", f"model.init={vae_out}", "loss.linear_colour=1",
     ]))
     state = read_state(long_out)
     assert state["parent"]["path"] == str(vae_out)
     reconstruction = state["optimisations"][-1]["reconstruction"]
     assert {"semantic", "quality", "psnr", "count", "colour", "shape"} <= set(reconstruction)
     assert 0.0 <= reconstruction["semantic"] <= 1.0
+    readout = state["optimisations"][-1]["latent_colour_readout"]
+    assert set(readout) == {"level0", "level1", "level2"} and all(0.0 <= v <= 1.0 for v in readout.values())
+    assert "linear_colour" in json.loads((long_out / "metrics.jsonl").read_text().splitlines()[0])
 
     # decoder-only fine-tuning: the encoder, so the latents and their normalisation, stay as they were
     dec_out = tmp_path / "vae-dec"

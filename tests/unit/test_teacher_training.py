@@ -11,7 +11,9 @@ from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
 from neodragon_cli.pipelines.train.shapes_teacher import (
     TrainT2VRecipe,
     TrainVAERecipe,
+    WorldSection,
     draw_units,
+    latent_colour_readout,
     latent_object_mask,
     pooled_colour,
     vae_loss,
@@ -150,3 +152,30 @@ def test_linear_colour_needs_a_trained_encoder():
     assert any("loss.linear_colour" in p for p in recipe.validate())
     recipe.loss.linear_colour = -1.0
     assert any("loss.linear_colour must be >= 0" in p for p in recipe.validate())
+
+
+class _FakeVAE(torch.nn.Module):
+    """An 'encoder' with a chosen latent code: `code(video)` -> [B, 16, T', H/8, W/8]."""
+
+    def __init__(self, code):
+        super().__init__()
+        self.code = code
+
+    def encode(self, video):
+        return type("Posterior", (), {"mean": self.code(video)})()
+
+
+def test_latent_colour_readout_tells_a_linear_colour_code_from_no_code():
+    world = WorldSection(frames=9)
+
+    def linear(video):
+        colour = pooled_colour(torch.cat([video, video[:, :, :1].expand(-1, -1, 8, -1, -1)], 2))[:, :, :1]
+        return torch.cat([colour, torch.zeros(colour.shape[0], 13, *colour.shape[2:])], 1)
+
+    def blind(video):
+        return torch.ones(video.shape[0], 16, 1, video.shape[-2] // 8, video.shape[-1] // 8)
+
+    readable = latent_colour_readout(_FakeVAE(linear), world, 160)
+    assert set(readable) == {"level0", "level1", "level2"}
+    assert min(readable.values()) > 0.9
+    assert max(latent_colour_readout(_FakeVAE(blind), world, 160).values()) < 0.3
