@@ -283,7 +283,7 @@ def latent_colour_readout(vae: CausalVideoVAE, world: WorldSection, count: int) 
     MMDiT's pyramid (2x2 means). First frames of `count` one-object training scenes are encoded; the
     feature is the object cells' mean latent minus the background's (the per-channel median); class
     means and a pooled within-class covariance fitted on the first half classify the second half.
-    The ceiling of how well the MMDiT can learn colour from these latents with its text conditioning."""
+    Low accuracy means colour is not a simple function of the latent, which the MMDiT then has to learn."""
     from neodragon_cli.pipelines.data.shapes import COLOURS
     from neodragon_cli.pipelines.flow.scheduler import latent_pyramid
 
