@@ -270,17 +270,19 @@ class ShapesWorld:
             raise UsageError(f"no shape found in the prompt '{prompt}'", hint="name a circle, square or triangle (or a synonym)")
         return self.sample_scene(rng, split="all", spec=spec)
 
-    def render(self, scene: Scene) -> np.ndarray:
+    def render(self, scene: Scene, frames: int | None = None) -> np.ndarray:
         """Anti-aliased frames uint8 [T, H, W, 3]: each pixel blends towards an object's colour by the
-        fraction of the pixel the object covers (box-filter coverage, computed analytically)."""
-        height, width, frames = self.height, self.width, self.frames
+        fraction of the pixel the object covers (box-filter coverage, computed analytically).
+        `frames` renders only the clip's first frames (e.g. 1: its first image); default all."""
+        height, width = self.height, self.width
+        frames = self.frames if frames is None else min(frames, self.frames)
         canvas = np.empty((frames, height, width, 3), np.float32)
         canvas[:] = np.asarray(BACKGROUNDS[scene.background], np.float32)
         # Pixel centres in pixels, shaped to broadcast against per-frame centres [T, 1, 1].
         ys = (np.arange(height, dtype=np.float32) + 0.5)[None, :, None]
         xs = (np.arange(width, dtype=np.float32) + 0.5)[None, None, :]
         for obj in scene.objects:
-            cx, cy = obj.centres(frames)
+            cx, cy = (c[:frames] for c in obj.centres(self.frames))
             cx = (cx * width).astype(np.float32)[:, None, None]
             cy = (cy * height).astype(np.float32)[:, None, None]
             side = SIZES[obj.size] * min(height, width)

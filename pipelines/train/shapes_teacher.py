@@ -408,6 +408,8 @@ class FlowSection:
 class T2VDataSection:
     vae: str = setting("", "the train-vae artifact folder (required)")
     videos: int = setting(2000, "rendered videos encoded once into the latent cache")
+    images: int = setting(0, "further scenes whose first frame alone (an image) is encoded into a second cache")
+    image_share: float = setting(0.0, "fraction of batches drawn from the image cache (latent frame 0 only)")
 
 
 @dataclass
@@ -442,6 +444,12 @@ class TrainT2VRecipe:
             problems.append(f"flow.object_weight must be >= 0, got {self.flow.object_weight}")
         if not 0 <= self.flow.first_frame_share <= 1:
             problems.append(f"flow.first_frame_share must be in [0, 1], got {self.flow.first_frame_share}")
+        if self.data.images < 0:
+            problems.append(f"data.images must be >= 0, got {self.data.images}")
+        if not 0 <= self.data.image_share <= 1:
+            problems.append(f"data.image_share must be in [0, 1], got {self.data.image_share}")
+        elif self.data.image_share > 0 and self.data.images <= 0:
+            problems.append("data.image_share > 0 needs data.images > 0 (the image cache it draws from)")
         if not 0 <= self.sampling.history_noise < 1:
             problems.append(f"sampling.history_noise must be in [0, 1), got {self.sampling.history_noise}")
         return problems
@@ -492,25 +500,52 @@ def build_t2v(recipe: TrainT2VRecipe, tokenizer_dir: Path) -> TextToVideoModel:
     return TextToVideoModel(bundle, mmdit)
 
 
-def encode_latent_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm, path: Path) -> torch.Tensor:
-    """Normalised latents [N, 16, T', h, w] (fp16 on disk) of the first `data.videos` videos; resumable."""
+def _cached_latents(path: Path, count: int, chunk: int, what: str, encode) -> torch.Tensor:
+    """`count` normalised latents from `path` (fp16 on disk), or `encode(range)` chunk by chunk and saved."""
     if path.is_file():
         from safetensors.torch import load_file
 
         cached = load_file(str(path))["latents"]
-        if cached.shape[0] == recipe.data.videos:
+        if cached.shape[0] == count:
             return cached.float()
-    dataset = ShapesVideoDataset(recipe.world.world(), length=recipe.data.videos, seed=recipe.world.seed, split=recipe.world.split)
     parts = []
     with progress() as bar:
-        task = bar.add_task("encoding videos", total=len(dataset))
-        for start in range(0, len(dataset), 4):
-            videos = torch.stack([dataset[i][0] for i in range(start, min(start + 4, len(dataset)))])
-            parts.append(normalize(encode_videos(vae, videos), norm).half())
-            bar.advance(task, videos.shape[0])
+        task = bar.add_task(f"encoding {what}", total=count)
+        for start in range(0, count, chunk):
+            parts.append(encode(range(start, min(start + chunk, count))).half())
+            bar.advance(task, len(parts[-1]))
     latents = torch.cat(parts)
     save_safetensors({"latents": latents}, path)
     return latents.float()
+
+
+def _dataset(recipe: "TrainT2VRecipe") -> ShapesVideoDataset:
+    """Scenes 0..videos-1 are the videos; the image scenes follow them, so the two never share a scene."""
+    length = recipe.data.videos + recipe.data.images
+    return ShapesVideoDataset(recipe.world.world(), length=length, seed=recipe.world.seed, split=recipe.world.split)
+
+
+def encode_latent_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm, path: Path) -> torch.Tensor:
+    """Normalised latents [N, 16, T', h, w] (fp16 on disk) of the first `data.videos` videos; resumable."""
+    dataset = _dataset(recipe)
+
+    def encode(indices: range) -> torch.Tensor:
+        return normalize(encode_videos(vae, torch.stack([dataset[i][0] for i in indices])), norm)
+
+    return _cached_latents(path, recipe.data.videos, 4, "videos", encode)
+
+
+def encode_image_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm, path: Path) -> torch.Tensor:
+    """Normalised latents [N, 16, 1, h, w] of the first frames of the `data.images` scenes after the
+    videos. The causal VAE encodes frame 0 alone, so each equals latent frame 0 of its whole video."""
+    dataset, offset = _dataset(recipe), recipe.data.videos
+    world = dataset.world
+
+    def encode(indices: range) -> torch.Tensor:
+        scenes = [world.sample_scene(np.random.default_rng((dataset.seed, offset + i)), dataset.split) for i in indices]
+        return normalize(encode_videos(vae, torch.stack([video_tensor(world.render(s, frames=1)) for s in scenes])), norm)
+
+    return _cached_latents(path, recipe.data.images, 64, "first frames", encode)
 
 
 def latent_object_mask(world: ShapesWorld, scene: Scene, grid: tuple[int, int], temporal: int = 8) -> np.ndarray:
@@ -561,8 +596,11 @@ def t2v_loss(recipe: TrainT2VRecipe):
     return loss_fn
 
 
-def _batches(recipe: TrainT2VRecipe, latents: torch.Tensor):
-    dataset = ShapesVideoDataset(recipe.world.world(), length=latents.shape[0], seed=recipe.world.seed, split=recipe.world.split)
+def _batches(recipe: TrainT2VRecipe, latents: torch.Tensor, images: torch.Tensor | None = None):
+    """Batches of video latents, or (a `data.image_share` of them, chosen per batch from its first
+    position) of first-frame latents of the image scenes."""
+    dataset = _dataset(recipe)
+    seed, share = recipe.world.seed, recipe.data.image_share
     scenes = {}
 
     def scene(i: int):
@@ -572,12 +610,16 @@ def _batches(recipe: TrainT2VRecipe, latents: torch.Tensor):
         return scenes[i]
 
     def batch(positions: range) -> dict:
-        index = [derive_seed(recipe.world.seed, p) % latents.shape[0] for p in positions]
-        captions = [caption(scene(i), np.random.default_rng((recipe.world.seed, p, 2))).text for i, p in zip(index, positions)]
-        out = {"latents": latents[index], "captions": captions}
+        use_images = share > 0 and np.random.default_rng((seed, positions.start, 3)).random() < share
+        source, offset = (images, recipe.data.videos) if use_images else (latents, 0)
+        index = [derive_seed(seed, p) % source.shape[0] for p in positions]
+        chosen = [scene(offset + i) for i in index]
+        captions = [caption(sc, np.random.default_rng((seed, p, 2))).text for sc, p in zip(chosen, positions)]
+        out = {"latents": source[index], "captions": captions}
         if recipe.flow.object_weight > 0:
-            grid = tuple(latents.shape[-2:])
-            out["object_masks"] = torch.from_numpy(np.stack([latent_object_mask(dataset.world, scene(i), grid) for i in index]))
+            grid = tuple(source.shape[-2:])
+            masks = [latent_object_mask(dataset.world, sc, grid)[: source.shape[2]] for sc in chosen]
+            out["object_masks"] = torch.from_numpy(np.stack(masks))
         return out
 
     return batch
@@ -602,8 +644,13 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
     started = time.time()
     latents = encode_latent_cache(recipe, vae.to(memory_format=torch.channels_last_3d), norm, work / "latents.safetensors")
     console.print(f"latent cache {tuple(latents.shape)} ready ({time.time() - started:.0f} s)")
+    images = None
+    if recipe.data.images:
+        started = time.time()
+        images = encode_image_cache(recipe, vae, norm, work / "images.safetensors")
+        console.print(f"image cache {tuple(images.shape)} ready ({time.time() - started:.0f} s)")
     model = build_t2v(recipe, tokenizer_dir)
-    trainer = Trainer(model, t2v_loss(recipe), _batches(recipe, latents), recipe.train, work / "run", resume=resume)
+    trainer = Trainer(model, t2v_loss(recipe), _batches(recipe, latents, images), recipe.train, work / "run", resume=resume)
     result = trainer.fit()
     if result.stopped:
         console.print(f"stopped at step {result.step}; continue with --resume (checkpoints in {work})")
@@ -631,7 +678,8 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
         vae.to(memory_format=torch.contiguous_format).save_pretrained(art.path / "vae")
         write_json(art.path / PIPELINE_FILE, spec)
         _copy_metrics(work / "run", art)
-        art.record("train-t2v", steps=result.step, videos=recipe.data.videos)
+        art.record("train-t2v", steps=result.step, videos=recipe.data.videos, images=recipe.data.images,
+                   image_share=recipe.data.image_share)
     return out
 
 

@@ -65,13 +65,15 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
 
     _ok(runner.invoke(app, [
         "train", "shapes/teacher_t2v", "-o", str(t2v_out), *WORLD, *TRAIN, "train.batch_size=4",
-        f"data.vae={vae_out}", "data.videos=4", "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
+        f"data.vae={vae_out}", "data.videos=4", "data.images=8", "data.image_share=0.5", "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
         "mmdit.num_layers=1", "mmdit.num_attention_heads=2", "mmdit.attention_head_dim=16",
     ]))
     first = json.loads((t2v_out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss_stage0", "loss_stage1", "loss_stage2"} <= set(first)
     state = read_state(t2v_out)
     assert [o["optimisation"] for o in state["optimisations"]] == ["train-vae", "train-t2v"]
+    assert state["optimisations"][-1]["images"] == 8 and state["optimisations"][-1]["image_share"] == 0.5
+    assert tuple(load_file(str(tmp_path / "t2v.work" / "images.safetensors"))["latents"].shape) == (8, 16, 1, 8, 8)
     assert state["parent"]["path"] == str(vae_out)
 
     video = tmp_path / "gen" / "clip.mp4"

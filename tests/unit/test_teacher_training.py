@@ -1,18 +1,25 @@
 """Pieces of the Shapes teacher's stage 2 that steer what the MMDiT learns: the object-weighted flow
-loss (latent object masks from the scene) and the extra first-frame share of the temporal pyramid."""
+loss (latent object masks from the scene), the extra first-frame share of the temporal pyramid and
+the first-frame image batches; and the VAE's colour tie and read-out."""
 
 import numpy as np
 import pytest
 import torch
 
-from neodragon_cli.pipelines.data.shapes import BACKGROUNDS, Scene, ShapeObject, ShapesWorld
+from neodragon_cli.pipelines.data.shapes import BACKGROUNDS, Scene, ShapeObject, ShapesWorld, caption, video_tensor
 from neodragon_cli.pipelines.flow.losses import build_flow_batch, flow_matching_loss
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
+from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
 from neodragon_cli.pipelines.train.shapes_teacher import (
     TrainT2VRecipe,
     TrainVAERecipe,
     WorldSection,
+    _batches,
+    _dataset,
     draw_units,
+    encode_image_cache,
+    encode_latent_cache,
+    encode_videos,
     latent_colour_readout,
     latent_object_mask,
     pooled_colour,
@@ -179,3 +186,73 @@ def test_latent_colour_readout_tells_a_linear_colour_code_from_no_code():
     assert set(readable) == {"level0", "level1", "level2"}
     assert min(readable.values()) > 0.9
     assert max(latent_colour_readout(_FakeVAE(blind), world, 160).values()) < 0.3
+
+
+def test_rendering_only_the_first_frames_matches_the_whole_clip():
+    world = ShapesWorld(frames=17)
+    for scene in SCENES:
+        np.testing.assert_array_equal(world.render(scene, frames=1), world.render(scene)[:1])
+        np.testing.assert_array_equal(world.render(scene, frames=5), world.render(scene)[:5])
+
+
+def _image_recipe(images: int = 6, share: float = 0.5) -> TrainT2VRecipe:
+    recipe = TrainT2VRecipe()
+    recipe.world = WorldSection(height=64, width=64, frames=9)
+    recipe.data.videos, recipe.data.images, recipe.data.image_share = 5, images, share
+    recipe.train.batch_size = 4
+    return recipe
+
+
+def test_image_batches_come_at_the_share_and_describe_the_image_scenes():
+    recipe = _image_recipe()
+    recipe.flow.object_weight = 1.0
+    videos = torch.zeros(5, 16, 2, 8, 8)
+    images = torch.arange(6.0).view(6, 1, 1, 1, 1).expand(6, 16, 1, 8, 8).contiguous()  # image i is all i
+    batch = _batches(recipe, videos, images)
+    dataset, seen = _dataset(recipe), 0
+    for step in range(400):
+        positions = range(4 * step, 4 * step + 4)
+        out = batch(positions)
+        if out["latents"].shape[2] == 2:
+            assert out["object_masks"].shape == (4, 2, 8, 8)
+            continue
+        seen += 1
+        assert out["object_masks"].shape == (4, 1, 8, 8)
+        for row, p, text in zip(out["latents"], positions, out["captions"]):
+            i = int(row[0, 0, 0, 0])
+            scene = dataset.item(recipe.data.videos + i)[0]  # the scenes after the videos
+            assert text == caption(scene, np.random.default_rng((recipe.world.seed, p, 2))).text
+    assert 0.4 < seen / 400 < 0.6
+    recipe.data.image_share = 0.0
+    only_videos = _batches(recipe, videos, images)
+    assert all(only_videos(range(4 * s, 4 * s + 4))["latents"].shape[2] == 2 for s in range(50))
+
+
+def test_image_cache_holds_the_first_latent_frame_of_each_scene_video(tmp_path):
+    recipe = _image_recipe(images=3)
+    vae_recipe = TrainVAERecipe()
+    vae_recipe.model.block_out_channels, vae_recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    torch.manual_seed(0)
+    vae = vae_recipe.model.build().eval()
+    norm = LatentNorm(image_shift=0.1, image_scale=2.0, video_shift=-0.3, video_scale=0.5)
+    images = encode_image_cache(recipe, vae, norm, tmp_path / "images.safetensors")
+    assert images.shape == (3, 16, 1, 8, 8)
+    dataset = _dataset(recipe)
+    whole = torch.stack([dataset[recipe.data.videos + i][0] for i in range(3)])
+    expected = normalize(encode_videos(vae, whole), norm)[:, :, :1]
+    torch.testing.assert_close(images, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
+    # cached: a second call reads the file instead of encoding
+    torch.testing.assert_close(encode_image_cache(recipe, None, norm, tmp_path / "images.safetensors"), images)
+    # the video cache holds other scenes
+    videos = encode_latent_cache(recipe, vae, norm, tmp_path / "latents.safetensors")
+    assert videos.shape == (5, 16, 2, 8, 8)
+    assert not torch.allclose(videos[:3, :, :1], images, atol=1e-2)
+
+
+def test_recipe_rejects_bad_image_settings():
+    recipe = TrainT2VRecipe()
+    recipe.data.images, recipe.data.image_share = 0, 0.5
+    assert any("data.image_share > 0 needs data.images" in p for p in recipe.validate())
+    recipe.data.images, recipe.data.image_share = -1, 2.0
+    problems = recipe.validate()
+    assert any("data.images must be" in p for p in problems) and any("data.image_share must be" in p for p in problems)
