@@ -253,28 +253,41 @@ def full_spec(scene) -> PromptSpec:
 @torch.no_grad()
 def judge_reconstructions(vae: CausalVideoVAE, world: WorldSection, count: int, split: str = "heldout") -> dict:
     """Judge scores of whole-clip VAE reconstructions of `count` scenes, every attribute stated:
-    the ceiling a text-to-video model on these latents can reach. Also the mean PSNR (dB)."""
+    the ceiling a text-to-video model on these latents can reach. Also the mean PSNR (dB), and under
+    "first_frame" the same for each first frame encoded and decoded alone, as a generated latent 0 is
+    (motion is not judged on one frame)."""
     from neodragon_cli.pipelines.eval.judge import attribute_kind, judge
     from neodragon_cli.pipelines.eval.metrics import psnr
 
+    def reconstruct(frames: np.ndarray) -> np.ndarray:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            recon = vae.decode(vae.encode(_channels_last(video_tensor(frames)[None])).mode()).float()
+        return recon[0].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+    def summary(results: list, psnrs: list[float]) -> dict:
+        per_kind: dict[str, list[bool]] = {}
+        for result in results:
+            for name, ok in result.attributes.items():
+                per_kind.setdefault(attribute_kind(name), []).append(ok)
+        report = {"semantic": float(np.mean([r.semantic for r in results])),
+                  "quality": float(np.mean([r.quality for r in results])), "psnr": float(np.mean(psnrs))}
+        report.update({kind: float(np.mean(v)) for kind, v in sorted(per_kind.items())})
+        return report
+
     dataset = ShapesVideoDataset(world.world(), length=count, seed=world.seed + 9_999, split=split)
-    per_kind: dict[str, list[bool]] = {}
-    semantic, quality, psnrs = [], [], []
+    clips, images = ([], []), ([], [])
     for i in range(count):
         scene, _, frames = dataset.item(i)
-        video = video_tensor(frames)[None]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            recon = vae.decode(vae.encode(_channels_last(video)).mode()).float()
-        recon = recon[0].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-        result = judge(recon, full_spec(scene))
-        semantic.append(result.semantic)
-        quality.append(result.quality)
-        psnrs.append(psnr(recon, frames))
-        for name, ok in result.attributes.items():
-            per_kind.setdefault(attribute_kind(name), []).append(ok)
-    report = {"semantic": float(np.mean(semantic)), "quality": float(np.mean(quality)), "psnr": float(np.mean(psnrs))}
-    report.update({kind: float(np.mean(v)) for kind, v in sorted(per_kind.items())})
-    return report
+        spec = full_spec(scene)
+        for (results, psnrs), original in ((clips, frames), (images, frames[:1])):
+            recon = reconstruct(original)
+            psnrs.append(psnr(recon, original))
+            if original is frames:
+                results.append(judge(recon, spec))
+            else:  # a still image has no motion to judge
+                still = tuple(dataclasses.replace(o, motion=None) for o in spec.objects)
+                results.append(judge(recon, dataclasses.replace(spec, objects=still)))
+    return {**summary(*clips), "first_frame": summary(*images)}
 
 
 @torch.no_grad()
@@ -350,7 +363,9 @@ def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bo
     reconstruction = {}
     if recipe.data.judge_videos:
         reconstruction = judge_reconstructions(vae, recipe.world, recipe.data.judge_videos)
-        console.print("reconstructions of held-out videos: " + ", ".join(f"{k} {v:.3f}" for k, v in reconstruction.items()))
+        for what, scores in (("held-out videos", reconstruction), ("their first frames alone", reconstruction["first_frame"])):
+            numbers = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "first_frame")
+            console.print(f"reconstructions of {what}: {numbers}")
     readout = {}
     if recipe.data.readout_videos:
         readout = latent_colour_readout(vae, recipe.world, recipe.data.readout_videos)

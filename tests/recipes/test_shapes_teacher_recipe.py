@@ -46,6 +46,8 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     reconstruction = state["optimisations"][-1]["reconstruction"]
     assert {"semantic", "quality", "psnr", "count", "colour", "shape"} <= set(reconstruction)
     assert 0.0 <= reconstruction["semantic"] <= 1.0
+    first = reconstruction["first_frame"]
+    assert {"semantic", "psnr", "colour", "shape"} <= set(first) and "motion" not in first
     readout = state["optimisations"][-1]["latent_colour_readout"]
     assert set(readout) == {"level0", "level1", "level2"} and all(0.0 <= v <= 1.0 for v in readout.values())
     assert "linear_colour" in json.loads((long_out / "metrics.jsonl").read_text().splitlines()[0])
