@@ -16,6 +16,7 @@ The result is a pipeline folder (`pipeline.json` layout) that `neodragon generat
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -515,23 +516,57 @@ def build_t2v(recipe: TrainT2VRecipe, tokenizer_dir: Path) -> TextToVideoModel:
     return TextToVideoModel(bundle, mmdit)
 
 
-def _cached_latents(path: Path, count: int, chunk: int, what: str, encode) -> torch.Tensor:
-    """`count` normalised latents from `path` (fp16 on disk), or `encode(range)` chunk by chunk and saved."""
-    if path.is_file():
-        from safetensors.torch import load_file
+CACHE_SAVE_EVERY_S = 300.0
 
-        cached = load_file(str(path))["latents"]
-        if cached.shape[0] == count:
-            return cached.float()
+
+def encoder_fingerprint(vae: CausalVideoVAE, norm: LatentNorm) -> str:
+    """sha256 of what a cached latent depends on in the VAE: the encoder's weights and the latent
+    normalisation (a decoder-only fine-tune keeps the fingerprint, so its caches stay valid)."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(norm), sort_keys=True).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached_latents(path: Path, count: int, chunk: int, what: str, source: dict[str, str], encode) -> torch.Tensor:
+    """`count` normalised latents of scenes 0..count-1 of `source` (the cache's provenance, stored in the
+    file's metadata), fp16 on disk. A cache of the same provenance is reused: cut when it holds more,
+    extended with `encode(range)` when it holds fewer (scenes are a pure function of their index); a
+    cache of any other provenance is encoded again."""
     parts = []
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as cache:
+            stored = cache.metadata() or {}
+            if stored == source:
+                parts.append(cache.get_tensor("latents")[:count])
+            else:
+                changed = sorted(k for k in source.keys() | stored.keys() if source.get(k) != stored.get(k))
+                console.print(f"{path.name} was encoded from other settings ({', '.join(changed)}): encoding again")
+    done = len(parts[0]) if parts else 0
+    saved = time.monotonic()
     with progress() as bar:
-        task = bar.add_task(f"encoding {what}", total=count)
-        for start in range(0, count, chunk):
+        task = bar.add_task(f"encoding {what}", total=count, completed=done)
+        for start in range(done, count, chunk):
             parts.append(encode(range(start, min(start + chunk, count))).half())
             bar.advance(task, len(parts[-1]))
+            if time.monotonic() - saved > CACHE_SAVE_EVERY_S:  # a stop loses at most this much encoding
+                parts = [torch.cat(parts)]
+                save_safetensors({"latents": parts[0]}, path, metadata=source)
+                saved = time.monotonic()
     latents = torch.cat(parts)
-    save_safetensors({"latents": latents}, path)
+    if len(latents) > done:
+        save_safetensors({"latents": latents}, path, metadata=source)
     return latents.float()
+
+
+def _cache_source(recipe: "TrainT2VRecipe", fingerprint: str, what: str, offset: int) -> dict[str, str]:
+    """The provenance of a latent cache: which scenes (world, first scene index) and which encoder."""
+    return {"what": what, "encoder": fingerprint, "offset": str(offset),
+            "world": json.dumps(dataclasses.asdict(recipe.world), sort_keys=True)}
 
 
 def _dataset(recipe: "TrainT2VRecipe") -> ShapesVideoDataset:
@@ -541,13 +576,15 @@ def _dataset(recipe: "TrainT2VRecipe") -> ShapesVideoDataset:
 
 
 def encode_latent_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm, path: Path) -> torch.Tensor:
-    """Normalised latents [N, 16, T', h, w] (fp16 on disk) of the first `data.videos` videos; resumable."""
+    """Normalised latents [N, 16, T', h, w] (fp16 on disk) of the first `data.videos` videos; resumable,
+    and extended rather than redone when `data.videos` grows."""
     dataset = _dataset(recipe)
 
     def encode(indices: range) -> torch.Tensor:
         return normalize(encode_videos(vae, torch.stack([dataset[i][0] for i in indices])), norm)
 
-    return _cached_latents(path, recipe.data.videos, 4, "videos", encode)
+    source = _cache_source(recipe, encoder_fingerprint(vae, norm), "videos", 0)
+    return _cached_latents(path, recipe.data.videos, 4, "videos", source, encode)
 
 
 def encode_image_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm, path: Path) -> torch.Tensor:
@@ -560,7 +597,8 @@ def encode_image_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: Latent
         scenes = [world.sample_scene(np.random.default_rng((dataset.seed, offset + i)), dataset.split) for i in indices]
         return normalize(encode_videos(vae, torch.stack([video_tensor(world.render(s, frames=1)) for s in scenes])), norm)
 
-    return _cached_latents(path, recipe.data.images, 64, "first frames", encode)
+    source = _cache_source(recipe, encoder_fingerprint(vae, norm), "first frames", offset)
+    return _cached_latents(path, recipe.data.images, 64, "first frames", source, encode)
 
 
 def latent_object_mask(world: ShapesWorld, scene: Scene, grid: tuple[int, int], temporal: int = 8) -> np.ndarray:

@@ -10,6 +10,7 @@ from neodragon_cli.pipelines.data.shapes import BACKGROUNDS, Scene, ShapeObject,
 from neodragon_cli.pipelines.flow.losses import build_flow_batch, flow_matching_loss
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
 from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
+from neodragon_cli.pipelines.train import shapes_teacher
 from neodragon_cli.pipelines.train.shapes_teacher import (
     TrainT2VRecipe,
     TrainVAERecipe,
@@ -228,13 +229,19 @@ def test_image_batches_come_at_the_share_and_describe_the_image_scenes():
     assert all(only_videos(range(4 * s, 4 * s + 4))["latents"].shape[2] == 2 for s in range(50))
 
 
-def test_image_cache_holds_the_first_latent_frame_of_each_scene_video(tmp_path):
-    recipe = _image_recipe(images=3)
+def _tiny_vae():
     vae_recipe = TrainVAERecipe()
     vae_recipe.model.block_out_channels, vae_recipe.model.norm_num_groups = [8, 8, 8, 8], 4
     torch.manual_seed(0)
-    vae = vae_recipe.model.build().eval()
-    norm = LatentNorm(image_shift=0.1, image_scale=2.0, video_shift=-0.3, video_scale=0.5)
+    return vae_recipe.model.build().eval()
+
+
+_NORM = LatentNorm(image_shift=0.1, image_scale=2.0, video_shift=-0.3, video_scale=0.5)
+
+
+def test_image_cache_holds_the_first_latent_frame_of_each_scene_video(tmp_path, monkeypatch):
+    recipe = _image_recipe(images=3)
+    vae, norm = _tiny_vae(), _NORM
     images = encode_image_cache(recipe, vae, norm, tmp_path / "images.safetensors")
     assert images.shape == (3, 16, 1, 8, 8)
     dataset = _dataset(recipe)
@@ -242,11 +249,53 @@ def test_image_cache_holds_the_first_latent_frame_of_each_scene_video(tmp_path):
     expected = normalize(encode_videos(vae, whole), norm)[:, :, :1]
     torch.testing.assert_close(images, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
     # cached: a second call reads the file instead of encoding
-    torch.testing.assert_close(encode_image_cache(recipe, None, norm, tmp_path / "images.safetensors"), images)
+    monkeypatch.setattr(shapes_teacher, "encode_videos", _refuse)
+    torch.testing.assert_close(encode_image_cache(recipe, vae, norm, tmp_path / "images.safetensors"), images)
+    monkeypatch.undo()
     # the video cache holds other scenes
     videos = encode_latent_cache(recipe, vae, norm, tmp_path / "latents.safetensors")
     assert videos.shape == (5, 16, 2, 8, 8)
     assert not torch.allclose(videos[:3, :, :1], images, atol=1e-2)
+
+
+def _refuse(*_):
+    raise AssertionError("encoded although the cache holds these latents")
+
+
+def test_latent_cache_is_extended_cut_or_redone_by_its_provenance(tmp_path, monkeypatch):
+    recipe, vae, path = _image_recipe(images=0, share=0.0), _tiny_vae(), tmp_path / "latents.safetensors"
+    recipe.data.videos = 3
+    first = encode_latent_cache(recipe, vae, _NORM, path)
+    encoded = []
+
+    def counting(vae, videos):
+        encoded.append(len(videos))
+        return real(vae, videos)
+
+    real = shapes_teacher.encode_videos
+    monkeypatch.setattr(shapes_teacher, "encode_videos", counting)
+    recipe.data.videos = 5  # grows: only the two new videos are encoded, the first three are kept
+    grown = encode_latent_cache(recipe, vae, _NORM, path)
+    assert sum(encoded) == 2 and grown.shape[0] == 5
+    torch.testing.assert_close(grown[:3], first)
+    fresh = encode_latent_cache(recipe, vae, _NORM, tmp_path / "fresh.safetensors")
+    # equal up to the bf16 encode of other batch compositions
+    torch.testing.assert_close(grown, fresh, atol=0.01 * fresh.abs().max().item(), rtol=0)
+    encoded.clear()
+    recipe.data.videos = 2  # shrinks: the prefix, nothing encoded
+    torch.testing.assert_close(encode_latent_cache(recipe, vae, _NORM, path), first[:2])
+    with torch.no_grad():  # a decoder-only change keeps the latents valid
+        next(vae.decoder.parameters()).add_(1.0)
+    encode_latent_cache(recipe, vae, _NORM, path)
+    assert encoded == []
+    with torch.no_grad():  # an encoder change does not
+        next(vae.encoder.parameters()).add_(1.0)
+    encode_latent_cache(recipe, vae, _NORM, path)
+    assert sum(encoded) == 2
+    encoded.clear()
+    recipe.world.seed = 7  # other scenes
+    encode_latent_cache(recipe, vae, _NORM, path)
+    assert sum(encoded) == 2
 
 
 def test_recipe_rejects_bad_image_settings():
