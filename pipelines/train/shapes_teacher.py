@@ -543,10 +543,14 @@ def _cached_latents(path: Path, count: int, chunk: int, what: str, source: dict[
             stored = cache.metadata() or {}
             if stored == source:
                 parts.append(cache.get_tensor("latents")[:count])
+            elif not stored:
+                console.print(f"{path.name} has no record of what it was encoded from: encoding again")
             else:
                 changed = sorted(k for k in source.keys() | stored.keys() if source.get(k) != stored.get(k))
                 console.print(f"{path.name} was encoded from other settings ({', '.join(changed)}): encoding again")
     done = len(parts[0]) if parts else 0
+    if done == count:
+        return parts[0].float()
     saved = time.monotonic()
     with progress() as bar:
         task = bar.add_task(f"encoding {what}", total=count, completed=done)
@@ -558,8 +562,7 @@ def _cached_latents(path: Path, count: int, chunk: int, what: str, source: dict[
                 save_safetensors({"latents": parts[0]}, path, metadata=source)
                 saved = time.monotonic()
     latents = torch.cat(parts)
-    if len(latents) > done:
-        save_safetensors({"latents": latents}, path, metadata=source)
+    save_safetensors({"latents": latents}, path, metadata=source)
     return latents.float()
 
 
