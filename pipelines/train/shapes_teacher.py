@@ -73,9 +73,15 @@ class WorldSection:
 class VAEModelSection:
     block_out_channels: list[int] = setting([16, 32, 64, 64], "widths of the four encoder/decoder levels")
     layers_per_block: list[int] = setting([1, 1, 1, 1], "resnet blocks per level")
+    decoder_block_out_channels: list[int] = setting([], "decoder widths when they differ from the encoder's (empty: block_out_channels)")
+    decoder_layers_per_block: list[int] = setting([], "decoder resnet blocks per level when they differ (empty: layers_per_block)")
     norm_num_groups: int = setting(8, "GroupNorm groups (must divide every width)")
     init: str = setting("", "start from the weights of this train-vae artifact (fine-tuning); empty: random init")
     train_encoder: bool = setting(True, "false: freeze the encoder (decoder-only fine-tuning keeps the latents, so an MMDiT trained on them stays valid)")
+
+    def decoder_shape(self) -> tuple[list[int], list[int]]:
+        return (list(self.decoder_block_out_channels or self.block_out_channels),
+                list(self.decoder_layers_per_block or self.layers_per_block))
 
     def build(self) -> CausalVideoVAE:
         vae = self._build()
@@ -85,20 +91,28 @@ class VAEModelSection:
         return vae
 
     def _build(self) -> CausalVideoVAE:
-        if self.init:
-            # GroupNorm parameters are per channel, so the group count may change when fine-tuning
-            groups = self.norm_num_groups
-            vae = CausalVideoVAE.from_pretrained(_vae_folder(self.init), encoder_norm_num_groups=groups, decoder_norm_num_groups=groups)
-            widths = list(vae.config["encoder_block_out_channels"])
-            if widths != list(self.block_out_channels):
-                raise UsageError(f"model.init {self.init} has widths {widths}, the recipe asks for {self.block_out_channels}")
+        widths, layers = self.decoder_shape()
+        groups = self.norm_num_groups
+        fresh = dict(decoder_block_out_channels=tuple(widths), decoder_layers_per_block=tuple(layers), decoder_norm_num_groups=groups)
+        if not self.init:
+            return CausalVideoVAE(
+                encoder_block_out_channels=tuple(self.block_out_channels), encoder_layers_per_block=tuple(self.layers_per_block),
+                encoder_norm_num_groups=groups, sample_size=128, **fresh,
+            )
+        # GroupNorm parameters are per channel, so the group count may change when fine-tuning
+        vae = CausalVideoVAE.from_pretrained(_vae_folder(self.init), encoder_norm_num_groups=groups, decoder_norm_num_groups=groups)
+        config = vae.config
+        if list(config["encoder_block_out_channels"]) != list(self.block_out_channels):
+            raise UsageError(f"model.init {self.init} has widths {list(config['encoder_block_out_channels'])}, "
+                             f"the recipe asks for {self.block_out_channels}")
+        if (list(config["decoder_block_out_channels"]), list(config["decoder_layers_per_block"])) == (widths, layers):
             return vae
-        return CausalVideoVAE(
-            encoder_block_out_channels=tuple(self.block_out_channels), decoder_block_out_channels=tuple(self.block_out_channels),
-            encoder_layers_per_block=tuple(self.layers_per_block), decoder_layers_per_block=tuple(self.layers_per_block),
-            encoder_norm_num_groups=self.norm_num_groups, decoder_norm_num_groups=self.norm_num_groups,
-            sample_size=128,
-        )
+        # Another decoder shape: keep the encoder (so the latents) and start a new decoder.
+        other = CausalVideoVAE(**{**config, **fresh})
+        kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("decoder.")}
+        missing, unexpected = other.load_state_dict(kept, strict=False)
+        assert not unexpected and all(k.startswith("decoder.") for k in missing), (missing, unexpected)
+        return other
 
 
 def _vae_folder(path: str | Path) -> Path:
@@ -147,8 +161,12 @@ class TrainVAERecipe:
             problems.append("data.clip_frames must be 1 + 8k and at most world.frames")
         if self.data.crop % 8 or not 8 <= self.data.crop <= min(self.world.height, self.world.width):
             problems.append("data.crop must be a multiple of 8 within the canvas")
-        if any(c % self.model.norm_num_groups for c in self.model.block_out_channels):
-            problems.append("model.norm_num_groups must divide every block_out_channels entry")
+        widths, layers = self.model.decoder_shape()
+        if any(c % self.model.norm_num_groups for c in [*self.model.block_out_channels, *widths]):
+            problems.append("model.norm_num_groups must divide every block_out_channels and decoder_block_out_channels entry")
+        if len(widths) != len(self.model.block_out_channels) or len(layers) != len(widths):
+            problems.append("model.decoder_block_out_channels and model.decoder_layers_per_block need one entry per level "
+                            f"({len(self.model.block_out_channels)})")
         if self.loss.linear_colour < 0:
             problems.append(f"loss.linear_colour must be >= 0, got {self.loss.linear_colour}")
         elif self.loss.linear_colour and not self.model.train_encoder:

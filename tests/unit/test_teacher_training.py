@@ -19,6 +19,7 @@ from neodragon_cli.pipelines.train.shapes_teacher import (
     _dataset,
     draw_units,
     encode_image_cache,
+    encoder_fingerprint,
     encode_latent_cache,
     encode_videos,
     latent_colour_readout,
@@ -256,6 +257,30 @@ def test_image_cache_holds_the_first_latent_frame_of_each_scene_video(tmp_path, 
     videos = encode_latent_cache(recipe, vae, norm, tmp_path / "latents.safetensors")
     assert videos.shape == (5, 16, 2, 8, 8)
     assert not torch.allclose(videos[:3, :, :1], images, atol=1e-2)
+
+
+def test_a_wider_decoder_starts_fresh_on_the_init_encoder(tmp_path):
+    parent = _tiny_vae()
+    parent.save_pretrained(tmp_path / "vae")
+    recipe = TrainVAERecipe()
+    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    recipe.model.init, recipe.model.train_encoder = str(tmp_path / "vae"), False
+    recipe.model.decoder_block_out_channels, recipe.model.decoder_layers_per_block = [8, 16, 16, 16], [1, 2, 2, 2]
+    assert recipe.validate() == []
+    vae = recipe.model.build().eval()
+    assert list(vae.config["decoder_block_out_channels"]) == [8, 16, 16, 16]
+    assert not any(p.requires_grad for p in vae.encoder.parameters())
+    assert any(p.requires_grad for p in vae.decoder.parameters())
+    assert encoder_fingerprint(vae, _NORM) == encoder_fingerprint(parent, _NORM)  # same latents, so the MMDiT stays valid
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(video).mode(), parent.encode(video).mode())
+        assert vae.decode(vae.encode(video).mode()).shape == video.shape
+    recipe.model.decoder_block_out_channels = [8, 16, 16]
+    recipe.model.decoder_layers_per_block = [1, 1, 1, 1]
+    recipe.model.norm_num_groups = 3
+    problems = recipe.validate()
+    assert any("one entry per level" in p for p in problems) and any("must divide" in p for p in problems)
 
 
 def _refuse(*_):
