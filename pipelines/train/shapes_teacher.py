@@ -538,9 +538,10 @@ CACHE_SAVE_EVERY_S = 300.0
 
 
 def encoder_fingerprint(vae: CausalVideoVAE, norm: LatentNorm) -> str:
-    """sha256 of what a cached latent depends on in the VAE: the encoder's weights and the latent
-    normalisation (a decoder-only fine-tune keeps the fingerprint, so its caches stay valid)."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(norm), sort_keys=True).encode())
+    """sha256 of what a cached latent depends on in the VAE: the encoder's config and weights and the
+    latent normalisation (a decoder-only fine-tune keeps the fingerprint, so its caches stay valid)."""
+    encoder_config = {k: v for k, v in vae.config.items() if k.startswith("encoder_")}
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(norm), encoder_config], sort_keys=True, default=list).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         if name.startswith(("encoder.", "quant_conv.")):
             digest.update(name.encode())

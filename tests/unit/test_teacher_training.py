@@ -318,6 +318,12 @@ def test_latent_cache_is_extended_cut_or_redone_by_its_provenance(tmp_path, monk
     encode_latent_cache(recipe, vae, _NORM, path)
     assert sum(encoded) == 2
     encoded.clear()
+    before = encoder_fingerprint(vae, _NORM)
+    vae.config["encoder_norm_num_groups"] = 2  # nor does another encoder config (the groups set the encoding)
+    assert encoder_fingerprint(vae, _NORM) != before
+    encode_latent_cache(recipe, vae, _NORM, path)
+    assert sum(encoded) == 2
+    encoded.clear()
     recipe.world.seed = 7  # other scenes
     encode_latent_cache(recipe, vae, _NORM, path)
     assert sum(encoded) == 2
