@@ -110,8 +110,7 @@ class VAEModelSection:
         # Another decoder shape: keep the encoder (so the latents) and start a new decoder.
         other = CausalVideoVAE(**{**config, **fresh})
         kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("decoder.")}
-        missing, unexpected = other.load_state_dict(kept, strict=False)
-        assert not unexpected and all(k.startswith("decoder.") for k in missing), (missing, unexpected)
+        other.load_state_dict({**other.state_dict(), **kept})
         return other
 
 
@@ -541,7 +540,7 @@ def encoder_fingerprint(vae: CausalVideoVAE, norm: LatentNorm) -> str:
     """sha256 of what a cached latent depends on in the VAE: the encoder's config and weights and the
     latent normalisation (a decoder-only fine-tune keeps the fingerprint, so its caches stay valid)."""
     encoder_config = {k: v for k, v in vae.config.items() if k.startswith("encoder_")}
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(norm), encoder_config], sort_keys=True, default=list).encode())
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(norm), encoder_config], sort_keys=True).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         if name.startswith(("encoder.", "quant_conv.")):
             digest.update(name.encode())
@@ -585,9 +584,9 @@ def _cached_latents(path: Path, count: int, chunk: int, what: str, source: dict[
     return latents.float()
 
 
-def _cache_source(recipe: "TrainT2VRecipe", fingerprint: str, what: str, offset: int) -> dict[str, str]:
+def _cache_source(recipe: "TrainT2VRecipe", vae: CausalVideoVAE, norm: LatentNorm, what: str, offset: int) -> dict[str, str]:
     """The provenance of a latent cache: which scenes (world, first scene index) and which encoder."""
-    return {"what": what, "encoder": fingerprint, "offset": str(offset),
+    return {"what": what, "encoder": encoder_fingerprint(vae, norm), "offset": str(offset),
             "world": json.dumps(dataclasses.asdict(recipe.world), sort_keys=True)}
 
 
@@ -605,8 +604,7 @@ def encode_latent_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: Laten
     def encode(indices: range) -> torch.Tensor:
         return normalize(encode_videos(vae, torch.stack([dataset[i][0] for i in indices])), norm)
 
-    source = _cache_source(recipe, encoder_fingerprint(vae, norm), "videos", 0)
-    return _cached_latents(path, recipe.data.videos, 4, "videos", source, encode)
+    return _cached_latents(path, recipe.data.videos, 4, "videos", _cache_source(recipe, vae, norm, "videos", 0), encode)
 
 
 def encode_image_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm, path: Path) -> torch.Tensor:
@@ -619,7 +617,7 @@ def encode_image_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: Latent
         scenes = [world.sample_scene(np.random.default_rng((dataset.seed, offset + i)), dataset.split) for i in indices]
         return normalize(encode_videos(vae, torch.stack([video_tensor(world.render(s, frames=1)) for s in scenes])), norm)
 
-    source = _cache_source(recipe, encoder_fingerprint(vae, norm), "first frames", offset)
+    source = _cache_source(recipe, vae, norm, "first frames", offset)
     return _cached_latents(path, recipe.data.images, 64, "first frames", source, encode)
 
 
