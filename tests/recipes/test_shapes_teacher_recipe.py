@@ -58,10 +58,14 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
         "train", "shapes/teacher_vae_long", "-o", str(dec_out), *WORLD, *TRAIN, "train.batch_size=1", "train.lr=1e-2",
         "data.crop=32", "data.clip_frames=9", "data.judge_videos=0",
         "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4", f"model.init={long_out}", "model.train_encoder=false",
+        "loss.adversarial=0.5", "loss.adversarial_start=1", "loss.critic_frames=2", "loss.latent_noise=0.5",
     ]))
+    logged = [json.loads(line) for line in (dec_out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["adversarial_weight"] == 0 and logged[1]["adversarial_weight"] > 0  # after the critic's warm-up
     before, after = (load_file(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (long_out, dec_out))
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert set(after) == set(before)  # the critic is not part of the VAE
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert (dec_out / "latent_norm.json").read_text() == (long_out / "latent_norm.json").read_text()
 

@@ -13,7 +13,9 @@ from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
 from neodragon_cli.pipelines.train import shapes_teacher
 from neodragon_cli.pipelines.train.shapes_teacher import (
     TrainT2VRecipe,
+    FrameCritic,
     TrainVAERecipe,
+    VAEWithCritic,
     WorldSection,
     _batches,
     _dataset,
@@ -24,6 +26,7 @@ from neodragon_cli.pipelines.train.shapes_teacher import (
     encode_videos,
     latent_colour_readout,
     latent_object_mask,
+    object_latent_noise,
     pooled_colour,
     vae_loss,
 )
@@ -161,6 +164,71 @@ def test_linear_colour_needs_a_trained_encoder():
     assert any("loss.linear_colour" in p for p in recipe.validate())
     recipe.loss.linear_colour = -1.0
     assert any("loss.linear_colour must be >= 0" in p for p in recipe.validate())
+
+
+def test_latent_noise_lands_on_the_cells_around_objects_at_the_asked_scale():
+    world = ShapesWorld(frames=17)
+    clips = torch.stack([video_tensor(world.render(scene)) for scene in SCENES[:2]])  # [2, 3, 17, 128, 128]
+    latents = torch.randn(2, 16, 3, 16, 16) * torch.linspace(0.1, 3.0, 16)[None, :, None, None, None]
+    noise = object_latent_noise(latents, clips, 1.0, torch.Generator().manual_seed(0))
+    assert noise.shape == latents.shape
+    torch.testing.assert_close(noise, object_latent_noise(latents, clips, 1.0, torch.Generator().manual_seed(0)))
+    # the static small circle at the centre: its cells and their neighbours, nothing farther
+    circle = latent_object_mask(world, SCENES[0], (16, 16))  # [3, 16, 16] cells the object's box covers
+    near = torch.nn.functional.max_pool2d(torch.from_numpy(circle).float(), 3, stride=1, padding=1) > 0
+    noisy = (noise[0] != 0).any(0)
+    assert noisy.any() and not noisy[~near].any()
+    # per-channel std follows the channel's: a channel 30x wider gets 30x the noise, within sampling error
+    ratio = noise.std(dim=(0, 2, 3, 4)) / latents.std(dim=(0, 2, 3, 4))
+    assert float(ratio.max() / ratio.min()) < 1.6 and 0 < float(ratio.max()) < 1.0
+    assert not object_latent_noise(latents, clips, 0.0, torch.Generator().manual_seed(0)).any()
+
+
+def test_latent_noise_changes_what_the_decoder_is_trained_on():
+    recipe = TrainVAERecipe()
+    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    torch.manual_seed(0)
+    vae = recipe.model.build()
+    clips = video_tensor(ShapesWorld(frames=9).render(SCENES[0]))[None]
+    plain = vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0]
+    recipe.loss.latent_noise = 1.0
+    noisy = vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0]
+    assert noisy.item() != plain.item()
+    recipe.loss.latent_noise = -0.5
+    assert any("loss.latent_noise must be >= 0" in p for p in recipe.validate())
+
+
+def test_adversarial_terms_move_the_critic_and_the_decoder_each_by_its_own_objective():
+    recipe = TrainVAERecipe()
+    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    recipe.loss.adversarial, recipe.loss.adversarial_start, recipe.loss.critic_frames = 0.5, 1, 3
+    torch.manual_seed(0)
+    model = VAEWithCritic(recipe.model.build(), FrameCritic(width=8))
+    clips = video_tensor(ShapesWorld(frames=9).render(SCENES[1]))[None, :, :, 32:96, 32:96]
+    loss_fn = vae_loss(recipe.loss)
+    _, warm_up = loss_fn(model, clips, torch.Generator().manual_seed(1))
+    assert warm_up["adversarial_weight"] == 0 and int(model.critic_batches) == 1
+    loss, metrics = loss_fn(model, clips, torch.Generator().manual_seed(1))
+    assert metrics["adversarial_weight"] > 0
+    model.zero_grad()
+    loss.backward()
+    # the critic's gradient is that of its hinge loss alone: the decoder's term does not reach it
+    pick = torch.randperm(9, generator=torch.Generator().manual_seed(1))[:3]
+    with torch.no_grad():
+        recon = model.vae.decode(model.vae.encode(clips).mode()).float()
+    real, fake = (x[0, :, pick].transpose(0, 1) for x in (clips, recon))
+    critic = FrameCritic(width=8)
+    critic.load_state_dict(model.critic.state_dict())
+    hinge = torch.relu(1 - critic(real)).mean() + torch.relu(1 + critic(fake)).mean()
+    hinge.backward()
+    for (name, p), q in zip(model.critic.named_parameters(), critic.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+    # the decoder's gradient is the pixel loss's plus the critic's
+    decoder_grad = model.vae.decoder.conv_out.conv.weight.grad.clone()
+    model.zero_grad()
+    recipe.loss.adversarial = 0.0
+    vae_loss(recipe.loss)(model.vae, clips, torch.Generator().manual_seed(1))[0].backward()
+    assert not torch.allclose(decoder_grad, model.vae.decoder.conv_out.conv.weight.grad)
 
 
 class _FakeVAE(torch.nn.Module):
