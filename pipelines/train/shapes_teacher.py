@@ -230,8 +230,9 @@ def object_latent_noise(latents: torch.Tensor, clips: torch.Tensor, strength: fl
 
     Where the MMDiT's generated latents miss the encoder's, they miss on the objects (measured on latent 0
     from a true stage-1 start: mean squared error 0.33 on object cells, 0.02 on the background, five
-    sixths of it at the finest 2x2 scale, larger in the high-variance channels), so a decoder trained on
-    such latents learns to draw clean shapes from them rather than the blobs a plain decoder makes."""
+    sixths of it at the finest 2x2 scale, larger in the high-variance channels). This noise shows the
+    decoder inputs of that kind; on the shipped teacher it did not make the generated shapes better
+    (docs/teacher_training.md)."""
     near_object = pooled_colour(_foreground(clips.float())) > 0
     near_object = torch.nn.functional.max_pool3d(near_object.float(), (1, 3, 3), stride=1, padding=(0, 1, 1))
     channel_std = latents.detach().float().std(dim=(0, 2, 3, 4), keepdim=True)
