@@ -91,6 +91,7 @@ class TrainerConfig:
     grad_clip: float | None = setting(1.0, "max global gradient norm; null disables clipping")
     precision: Literal["fp32", "bf16"] = setting("fp32", "bf16: forward and loss under bf16 autocast, fp32 weights")
     checkpoint_every: int = setting(500, "checkpoint every N updates (0: only at the end or when stopped)")
+    keep_every: int = setting(0, "also keep the checkpoints whose step is a multiple of N, to compare them later (0: only the latest)")
     log_every: int = setting(10, "append a metrics.jsonl line every N updates")
     ema: float | None = setting(None, "EMA decay of the trainable weights (e.g. 0.999); null: none")
     fsdp: bool = setting(False, "shard weights, grads and optimizer state with FSDP2 (torchrun)")
@@ -101,7 +102,7 @@ class TrainerConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every"):
+        for name in ("warmup_steps", "checkpoint_every", "keep_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -330,7 +331,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write `checkpoints/step-XXXXXXXX.pt` for the current step (collective; rank 0 writes),
-        then delete older checkpoints."""
+        then delete older checkpoints but those `keep_every` keeps."""
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -344,8 +345,10 @@ class Trainer:
         if self.env.is_main:
             with atomic_path(path) as tmp:
                 torch.save(state, tmp)
+            every = self.config.keep_every
             for old in path.parent.glob("step-*.pt"):
-                if old != path and _CHECKPOINT_NAME.match(old.name):
+                match = _CHECKPOINT_NAME.match(old.name)
+                if old != path and match and not (every and int(match.group(1)) % every == 0):
                     old.unlink()
         distributed.barrier()
         return path

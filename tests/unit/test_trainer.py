@@ -89,6 +89,15 @@ def test_resume_after_stop_is_bit_identical(tmp_path):
     _assert_same_run(reference, resumed)
 
 
+def test_keep_every_keeps_those_checkpoints_and_resume_takes_the_latest(tmp_path):
+    config = {**FULL, "checkpoint_every": 2, "keep_every": 4}
+    make_trainer(tmp_path, {**config, "max_steps": 9}).fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000004.pt", "step-00000008.pt", "step-00000009.pt"]
+    assert make_trainer(tmp_path, config, resume=True).step == 9
+    assert any("keep_every" in p for p in TrainerConfig(keep_every=-1).validate())
+
+
 def test_resume_after_real_sigterm_is_bit_identical(tmp_path):
     """A subprocess is sent SIGTERM at an unpredictable step; it checkpoints, exits 0, and the
     resumed run still ends bit-identical to an uninterrupted one."""
