@@ -283,14 +283,14 @@ def _adversarial(model: VAEWithCritic, clips: torch.Tensor, recon: torch.Tensor,
     frozen = {name: p.detach() for name, p in model.critic.named_parameters()}
     decoder_loss = -torch.func.functional_call(model.critic, frozen, (fake,)).mean()
     model.critic_batches += 1
-    weight = torch.zeros(())
+    weight = torch.zeros(())  # built from gradients taken without a graph: a constant for the backward
     if model.critic_batches > weights.adversarial_start:
         last = model.vae.decoder.conv_out.conv.weight
         pixel_grad, = torch.autograd.grad(reconstruction, last, retain_graph=True)
         critic_grad, = torch.autograd.grad(decoder_loss, last, retain_graph=True)
         weight = weights.adversarial * (pixel_grad.norm() / (critic_grad.norm() + 1e-4)).clamp(max=1e4)
-    loss = critic_loss + weight.detach() * decoder_loss
-    return loss, {"critic": critic_loss.detach(), "adversarial": decoder_loss.detach(), "adversarial_weight": weight.detach()}
+    loss = critic_loss + weight * decoder_loss
+    return loss, {"critic": critic_loss.detach(), "adversarial": decoder_loss.detach(), "adversarial_weight": weight}
 
 
 def vae_loss(weights: VAELossSection):

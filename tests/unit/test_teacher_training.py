@@ -39,6 +39,13 @@ SCENES = [
 ]
 
 
+def _tiny_vae_recipe() -> TrainVAERecipe:
+    """A train-vae recipe at toy widths (8 channels a level, 4 GroupNorm groups)."""
+    recipe = TrainVAERecipe()
+    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    return recipe
+
+
 @pytest.mark.parametrize("scene", SCENES)
 def test_latent_object_mask_covers_every_rendered_object_pixel_and_little_else(scene):
     world = ShapesWorld(frames=17)
@@ -141,8 +148,7 @@ def test_pooled_colour_is_the_mean_of_the_pixels_each_latent_cell_encodes():
 
 
 def test_linear_colour_loss_ties_latent_channels_0_to_2_to_pooled_colour():
-    recipe = TrainVAERecipe()
-    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    recipe = _tiny_vae_recipe()
     recipe.loss.linear_colour = 1.0
     torch.manual_seed(0)
     vae = recipe.model.build()
@@ -185,8 +191,7 @@ def test_latent_noise_lands_on_the_cells_around_objects_at_the_asked_scale():
 
 
 def test_latent_noise_changes_what_the_decoder_is_trained_on():
-    recipe = TrainVAERecipe()
-    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    recipe = _tiny_vae_recipe()
     torch.manual_seed(0)
     vae = recipe.model.build()
     clips = video_tensor(ShapesWorld(frames=9).render(SCENES[0]))[None]
@@ -199,8 +204,7 @@ def test_latent_noise_changes_what_the_decoder_is_trained_on():
 
 
 def test_adversarial_terms_move_the_critic_and_the_decoder_each_by_its_own_objective():
-    recipe = TrainVAERecipe()
-    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    recipe = _tiny_vae_recipe()
     recipe.loss.adversarial, recipe.loss.adversarial_start, recipe.loss.critic_frames = 0.5, 1, 3
     torch.manual_seed(0)
     model = VAEWithCritic(recipe.model.build(), FrameCritic(width=8))
@@ -299,10 +303,8 @@ def test_image_batches_come_at_the_share_and_describe_the_image_scenes():
 
 
 def _tiny_vae():
-    vae_recipe = TrainVAERecipe()
-    vae_recipe.model.block_out_channels, vae_recipe.model.norm_num_groups = [8, 8, 8, 8], 4
     torch.manual_seed(0)
-    return vae_recipe.model.build().eval()
+    return _tiny_vae_recipe().model.build().eval()
 
 
 _NORM = LatentNorm(image_shift=0.1, image_scale=2.0, video_shift=-0.3, video_scale=0.5)
@@ -330,8 +332,7 @@ def test_image_cache_holds_the_first_latent_frame_of_each_scene_video(tmp_path, 
 def test_a_wider_decoder_starts_fresh_on_the_init_encoder(tmp_path):
     parent = _tiny_vae()
     parent.save_pretrained(tmp_path / "vae")
-    recipe = TrainVAERecipe()
-    recipe.model.block_out_channels, recipe.model.norm_num_groups = [8, 8, 8, 8], 4
+    recipe = _tiny_vae_recipe()
     recipe.model.init, recipe.model.train_encoder = str(tmp_path / "vae"), False
     recipe.model.decoder_block_out_channels, recipe.model.decoder_layers_per_block = [8, 16, 16, 16], [1, 2, 2, 2]
     assert recipe.validate() == []
