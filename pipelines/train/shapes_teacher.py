@@ -74,7 +74,9 @@ class VAEModelSection:
     block_out_channels: list[int] = setting([16, 32, 64, 64], "widths of the four encoder/decoder levels")
     layers_per_block: list[int] = setting([1, 1, 1, 1], "resnet blocks per level")
     decoder_block_out_channels: list[int] = setting([], "decoder widths when they differ from the encoder's (empty: block_out_channels)")
-    decoder_layers_per_block: list[int] = setting([], "decoder resnet blocks per level when they differ (empty: layers_per_block)")
+    decoder_layers_per_block: list[int] = setting(
+        [], "decoder resnet blocks per level when they differ (empty: layers_per_block); with model.init and the "
+        "parent's decoder widths, a deeper decoder keeps the parent's resnets and starts the added ones as identities")
     norm_num_groups: int = setting(8, "GroupNorm groups (must divide every width)")
     init: str = setting("", "start from the weights of this train-vae artifact (fine-tuning); empty: random init")
     train_encoder: bool = setting(True, "false: freeze the encoder (decoder-only fine-tuning keeps the latents, so an MMDiT trained on them stays valid)")
@@ -105,13 +107,32 @@ class VAEModelSection:
         if list(config["encoder_block_out_channels"]) != list(self.block_out_channels):
             raise UsageError(f"model.init {self.init} has widths {list(config['encoder_block_out_channels'])}, "
                              f"the recipe asks for {self.block_out_channels}")
-        if (list(config["decoder_block_out_channels"]), list(config["decoder_layers_per_block"])) == (widths, layers):
+        parent_widths, parent_layers = list(config["decoder_block_out_channels"]), list(config["decoder_layers_per_block"])
+        if (parent_widths, parent_layers) == (widths, layers):
             return vae
-        # Another decoder shape: keep the encoder (so the latents) and start a new decoder.
         other = CausalVideoVAE(**{**config, **fresh})
-        kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("decoder.")}
-        other.load_state_dict({**other.state_dict(), **kept})
+        deeper = parent_widths == widths and all(n >= p for n, p in zip(layers, parent_layers, strict=True))
+        if deeper:
+            _load_deepened(other, vae, parent_layers)
+        else:  # another decoder shape: keep the encoder (so the latents) and start a new decoder
+            kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("decoder.")}
+            other.load_state_dict({**other.state_dict(), **kept})
         return other
+
+
+def _load_deepened(vae: CausalVideoVAE, parent: CausalVideoVAE, parent_layers: list[int]) -> None:
+    """Load `parent` into `vae`, whose decoder has the same widths and at least as many resnets per block:
+    each block's first resnets are the parent's, and the added ones start as identities (their last
+    convolution zeroed), so the deeper decoder begins by decoding exactly as its parent."""
+    missing, unexpected = vae.load_state_dict(parent.state_dict(), strict=False)
+    added = []
+    for i, block in enumerate(vae.decoder.up_blocks):
+        for j in range(parent_layers[i], len(block.resnets)):
+            conv = block.resnets[j].conv2.conv
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            added += [f"decoder.up_blocks.{i}.resnets.{j}.{k}" for k in block.resnets[j].state_dict()]
+    assert not unexpected and sorted(missing) == sorted(added), "the parent's weights must fill all but the added resnets"
 
 
 def _vae_folder(path: str | Path) -> Path:

@@ -405,3 +405,22 @@ def test_recipe_rejects_bad_image_settings():
     recipe.data.images, recipe.data.image_share = -1, 2.0
     problems = recipe.validate()
     assert any("data.images must be" in p for p in problems) and any("data.image_share must be" in p for p in problems)
+
+
+def test_a_deeper_decoder_starts_as_its_parent(tmp_path):
+    parent = _tiny_vae()
+    parent.save_pretrained(tmp_path / "vae")
+    recipe = _tiny_vae_recipe()
+    recipe.model.init, recipe.model.train_encoder = str(tmp_path / "vae"), False
+    parent_layers = list(parent.config["decoder_layers_per_block"])
+    recipe.model.decoder_layers_per_block = [parent_layers[0], parent_layers[1], parent_layers[2] + 1, parent_layers[3] + 2]
+    vae = recipe.model.build().eval()
+    assert len(vae.decoder.up_blocks[3].resnets) == parent_layers[3] + 2
+    latents = torch.randn(1, 16, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(latents), parent.decode(latents))
+    # the added resnets can learn: their zeroed convolution gets a gradient
+    added = vae.decoder.up_blocks[3].resnets[-1]
+    assert added.conv1.conv.weight.abs().sum() > 0 and added.conv2.conv.weight.abs().sum() == 0
+    vae.decode(latents).square().mean().backward()
+    assert added.conv2.conv.weight.grad.abs().sum() > 0
