@@ -25,9 +25,9 @@ Distributed: under `torchrun` the trainer wraps the model in DDP (or FSDP2 with 
 takes its slice of each global batch; only rank 0 writes checkpoints, metrics and the progress bar.
 Call `distributed.teardown()` when the command is done with the process group.
 
-Files in `out_dir`: `checkpoints/step-XXXXXXXX.pt` (only the latest is kept; written to a temporary
-name then renamed) and `metrics.jsonl` (one JSON object per logged step: step, loss, lr, it_s,
-elapsed_s, grad_norm when clipping, and the loss_fn metrics).
+Files in `out_dir`: `checkpoints/step-XXXXXXXX.pt` (the latest, plus every `keep_every`-th when set;
+written to a temporary name then renamed) and `metrics.jsonl` (one JSON object per logged step: step,
+loss, lr, it_s, elapsed_s, grad_norm when clipping, and the loss_fn metrics).
 """
 
 from __future__ import annotations
