@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from neodragon_cli.artifacts import ArtifactWriter
 from neodragon_cli.atomic import save_safetensors, write_json
@@ -150,6 +151,7 @@ class VAELossSection:
     mse: float = setting(1.0, "weight of the MSE reconstruction loss")
     kl: float = setting(1e-6, "weight of the KL term (per element)")
     foreground: float = setting(0.0, "extra reconstruction weight on pixels that differ from the clip's background")
+    edge: float = setting(0.0, "extra reconstruction weight on pixels within 1 px of an edge of the clip (corners and outlines set the judged shape)")
     linear_colour: float = setting(0.0, "weight of the loss making latent channels 0-2 the mean RGB of the pixels each latent cell encodes")
     adversarial: float = setting(0.0, "hinge GAN term on the decoded frames, its gradient at the decoder's last layer this times the reconstruction loss's (0: off)")
     adversarial_start: int = setting(100, "critic-only batches before the decoder feels the critic")
@@ -195,6 +197,8 @@ class TrainVAERecipe:
             problems.append("loss.adversarial and loss.adversarial_start must be >= 0, loss.critic_frames >= 1")
         if self.loss.latent_noise < 0:
             problems.append(f"loss.latent_noise must be >= 0, got {self.loss.latent_noise}")
+        if self.loss.foreground < 0 or self.loss.edge < 0:
+            problems.append("loss.foreground and loss.edge must be >= 0")
         if self.loss.linear_colour < 0:
             problems.append(f"loss.linear_colour must be >= 0, got {self.loss.linear_colour}")
         elif self.loss.linear_colour and not self.model.train_encoder:
@@ -234,6 +238,21 @@ def _foreground(clips: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     per-channel median: Shapes backgrounds are flat and cover most of the canvas), else 0."""
     background = clips.flatten(2).median(dim=2).values[:, :, None, None, None]
     return ((clips - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+
+
+def _edges(clips: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """1 on the pixels of [B, 3, T, H, W] (in [-1, 1]) within 1 px of a step of more than `threshold` in
+    some channel between horizontal or vertical neighbours of a frame, else 0."""
+    step = torch.zeros_like(clips[:, :1])
+    dx = (clips[..., 1:] - clips[..., :-1]).abs().amax(dim=1, keepdim=True) > threshold
+    dy = (clips[..., 1:, :] - clips[..., :-1, :]).abs().amax(dim=1, keepdim=True) > threshold
+    step[..., 1:] += dx
+    step[..., :-1] += dx
+    step[..., 1:, :] += dy
+    step[..., :-1, :] += dy
+    b, _, t, h, w = step.shape
+    grown = F.max_pool2d(step.transpose(1, 2).reshape(b * t, 1, h, w), 3, stride=1, padding=1)
+    return (grown.reshape(b, t, 1, h, w).transpose(1, 2) > 0).float()
 
 
 def pooled_colour(clips: torch.Tensor, temporal: int = 8, spatial: int = 8) -> torch.Tensor:
@@ -325,9 +344,9 @@ def vae_loss(weights: VAELossSection):
             latents = latents + object_latent_noise(latents, clips, weights.latent_noise, generator)
         recon = vae.decode(latents).float()
         weight = 1.0
-        if weights.foreground:
-            weight = 1.0 + weights.foreground * _foreground(clips)
-            weight = weight / weight.mean()  # same overall scale; objects get a larger share
+        if weights.foreground or weights.edge:
+            weight = 1.0 + weights.foreground * _foreground(clips) + weights.edge * _edges(clips)
+            weight = weight / weight.mean()  # same overall scale; objects and outlines get a larger share
         l1 = (weight * (recon - clips).abs()).mean()
         mse = (weight * (recon - clips) ** 2).mean()
         kl = posterior.kl().mean() / clips[0].numel()

@@ -18,6 +18,7 @@ from neodragon_cli.pipelines.train.shapes_teacher import (
     VAEWithCritic,
     WorldSection,
     _batches,
+    _edges,
     _dataset,
     draw_units,
     encode_image_cache,
@@ -201,6 +202,26 @@ def test_latent_noise_changes_what_the_decoder_is_trained_on():
     assert noisy.item() != plain.item()
     recipe.loss.latent_noise = -0.5
     assert any("loss.latent_noise must be >= 0" in p for p in recipe.validate())
+
+
+def test_edge_weight_marks_the_outline_of_a_rendered_square():
+    clips = -torch.ones(1, 3, 1, 32, 32)
+    clips[..., 8:20, 10:24] = 0.8
+    edges = _edges(clips)[0, 0, 0]
+    outline = torch.zeros(32, 32)
+    outline[6:22, 8:26] = 1
+    outline[10:18, 12:22] = 0  # steps lie between pixels 7|8, 19|20 (rows) and 9|10, 23|24 (columns): 2 px each side
+    outline[[6, 6, 21, 21], [8, 25, 8, 25]] = 0  # the outer corners are 2 px diagonally from the nearest step pixel
+    torch.testing.assert_close(edges, outline)
+    recipe = _tiny_vae_recipe()
+    torch.manual_seed(0)
+    vae = recipe.model.build()
+    clips = video_tensor(ShapesWorld(frames=9).render(SCENES[1]))[None]
+    plain = vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0]
+    recipe.loss.edge = 8.0
+    assert vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0].item() != plain.item()
+    recipe.loss.edge = -1.0
+    assert any("loss.edge must be >= 0" in p for p in recipe.validate())
 
 
 def test_adversarial_terms_move_the_critic_and_the_decoder_each_by_its_own_objective():
