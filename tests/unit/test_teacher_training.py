@@ -191,15 +191,24 @@ def test_latent_noise_lands_on_the_cells_around_objects_at_the_asked_scale():
     assert not object_latent_noise(latents, clips, 0.0, torch.Generator().manual_seed(0)).any()
 
 
-def test_latent_noise_changes_what_the_decoder_is_trained_on():
+def _loss_changes_with(setting: str, value: float, scene: Scene) -> TrainVAERecipe:
+    """Check that `loss.<setting> = value` changes the toy VAE's loss on a rendered scene; return the recipe."""
     recipe = _tiny_vae_recipe()
     torch.manual_seed(0)
     vae = recipe.model.build()
-    clips = video_tensor(ShapesWorld(frames=9).render(SCENES[0]))[None]
-    plain = vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0]
-    recipe.loss.latent_noise = 1.0
-    noisy = vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0]
-    assert noisy.item() != plain.item()
+    clips = video_tensor(ShapesWorld(frames=9).render(scene))[None]
+
+    def loss() -> float:
+        return vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0].item()
+
+    plain = loss()
+    setattr(recipe.loss, setting, value)
+    assert loss() != plain
+    return recipe
+
+
+def test_latent_noise_changes_what_the_decoder_is_trained_on():
+    recipe = _loss_changes_with("latent_noise", 1.0, SCENES[0])
     recipe.loss.latent_noise = -0.5
     assert any("loss.latent_noise must be >= 0" in p for p in recipe.validate())
 
@@ -213,13 +222,7 @@ def test_edge_weight_marks_the_outline_of_a_rendered_square():
     outline[10:18, 12:22] = 0  # steps lie between pixels 7|8, 19|20 (rows) and 9|10, 23|24 (columns): 2 px each side
     outline[[6, 6, 21, 21], [8, 25, 8, 25]] = 0  # the outer corners are 2 px diagonally from the nearest step pixel
     torch.testing.assert_close(edges, outline)
-    recipe = _tiny_vae_recipe()
-    torch.manual_seed(0)
-    vae = recipe.model.build()
-    clips = video_tensor(ShapesWorld(frames=9).render(SCENES[1]))[None]
-    plain = vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0]
-    recipe.loss.edge = 8.0
-    assert vae_loss(recipe.loss)(vae, clips, torch.Generator().manual_seed(0))[0].item() != plain.item()
+    recipe = _loss_changes_with("edge", 8.0, SCENES[1])
     recipe.loss.edge = -1.0
     assert any("loss.edge must be >= 0" in p for p in recipe.validate())
 
