@@ -151,7 +151,7 @@ class VAELossSection:
     mse: float = setting(1.0, "weight of the MSE reconstruction loss")
     kl: float = setting(1e-6, "weight of the KL term (per element)")
     foreground: float = setting(0.0, "extra reconstruction weight on pixels that differ from the clip's background")
-    edge: float = setting(0.0, "extra reconstruction weight on pixels within 1 px of an edge of the clip (corners and outlines set the judged shape)")
+    edge: float = setting(0.0, "extra reconstruction weight on pixels within about 1 px of an outline (a step between neighbouring pixels): corners and outlines set the judged shape")
     linear_colour: float = setting(0.0, "weight of the loss making latent channels 0-2 the mean RGB of the pixels each latent cell encodes")
     adversarial: float = setting(0.0, "hinge GAN term on the decoded frames, its gradient at the decoder's last layer this times the reconstruction loss's (0: off)")
     adversarial_start: int = setting(100, "critic-only batches before the decoder feels the critic")
