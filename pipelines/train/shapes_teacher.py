@@ -250,9 +250,7 @@ def _edges(clips: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     step[..., :-1] += dx
     step[..., 1:, :] += dy
     step[..., :-1, :] += dy
-    b, _, t, h, w = step.shape
-    grown = F.max_pool2d(step.transpose(1, 2).reshape(b * t, 1, h, w), 3, stride=1, padding=1)
-    return (grown.reshape(b, t, 1, h, w).transpose(1, 2) > 0).float()
+    return (F.max_pool3d(step, (1, 3, 3), stride=1, padding=(0, 1, 1)) > 0).float()
 
 
 def pooled_colour(clips: torch.Tensor, temporal: int = 8, spatial: int = 8) -> torch.Tensor:
@@ -274,7 +272,7 @@ def object_latent_noise(latents: torch.Tensor, clips: torch.Tensor, strength: fl
     decoder inputs of that kind; on the shipped teacher it did not make the generated shapes better
     (docs/teacher_training.md)."""
     near_object = pooled_colour(_foreground(clips.float())) > 0
-    near_object = torch.nn.functional.max_pool3d(near_object.float(), (1, 3, 3), stride=1, padding=(0, 1, 1))
+    near_object = F.max_pool3d(near_object.float(), (1, 3, 3), stride=1, padding=(0, 1, 1))
     channel_std = latents.detach().float().std(dim=(0, 2, 3, 4), keepdim=True)
     scale = strength * torch.rand(latents.shape[0], 1, 1, 1, 1, generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
