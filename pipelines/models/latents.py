@@ -20,11 +20,17 @@ Schemes (constants as published by the reference pipelines):
 
 Neodragon keeps Pyramid-Flow's image factors (rounded) and video shift but uses a different video
 scale (0.3031 = 1/3.2992 instead of 1/3.0986): its checkpoints need their own scheme.
+
+A measured norm may also whiten each latent cell after the shift and scale (`image_whitening`,
+`video_whitening`: see `Whitening`). A scalar scale leaves a latent whose channels are strongly
+correlated with most of its variance in one direction; flow matching adds unit noise in every
+direction, so the weak directions are decided only at the very end of sampling and cost the loss
+almost nothing. Whitening gives every direction the same weight.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -33,12 +39,55 @@ from neodragon_cli.errors import UnknownNameError
 
 @dataclass(frozen=True)
 class LatentNorm:
-    """Per-frame-group affine map: frame 0 uses the image factors, later frames the video factors."""
+    """Per-frame-group affine map: frame 0 uses the image factors, later frames the video factors.
+    A whitening (a `Whitening.to_dict()`), when set, is applied per latent cell after shift and scale."""
 
     image_shift: float
     image_scale: float
     video_shift: float
     video_scale: float
+    image_whitening: dict | None = None
+    video_whitening: dict | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (an unset whitening is left out); `LatentNorm(**d)` reads it back."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """Per-cell map of C-channel latent vectors x: y = ((x - mean) @ basis) / std, so that each
+    component of y has variance var_k / (var_k + floor) (about 1 for the strong directions; `floor`
+    keeps near-empty directions, mostly encoder noise, from being blown up).
+    basis: [C, C] orthonormal columns (principal directions); mean, std: [C]."""
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def measure(cls, latents: torch.Tensor, floor: float) -> "Whitening":
+        """From latents [N, C, T, H, W] (every cell is one sample)."""
+        cells = latents.movedim(1, -1).reshape(-1, latents.shape[1]).double()
+        mean = cells.mean(0)
+        variances, basis = torch.linalg.eigh(torch.cov((cells - mean).T))
+        order = variances.argsort(descending=True)
+        std = (variances[order].clamp_min(0) + floor).sqrt()
+        return cls(mean.float(), basis[:, order].float(), std.float())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Whitening":
+        return cls(*(torch.tensor(d[k], dtype=torch.float32) for k in ("mean", "basis", "std")))
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "basis": self.basis.tolist(), "std": self.std.tolist()}
+
+    def apply(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """x: [B, C, T, H, W]."""
+        cells = x.movedim(1, -1)
+        mean, basis, std = (t.to(x.device, x.dtype) for t in (self.mean, self.basis, self.std))
+        out = (cells * std) @ basis.T + mean if inverse else ((cells - mean) @ basis) / std
+        return out.movedim(-1, 1)
 
 
 SCHEMES: dict[str, LatentNorm] = {
@@ -67,14 +116,18 @@ def _apply(z: torch.Tensor, scheme: str | LatentNorm, start_frame: int, inverse:
         raise ValueError(f"latents must be [B, C, T, H, W], got shape {tuple(z.shape)}")
     norm = get_scheme(scheme)
 
-    def affine(part: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
-        return part / scale + shift if inverse else (part - shift) * scale
+    def affine(part: torch.Tensor, shift: float, scale: float, whitening: dict | None) -> torch.Tensor:
+        white = Whitening.from_dict(whitening) if whitening else None
+        if inverse:
+            return (white.apply(part, inverse=True) if white else part) / scale + shift
+        part = (part - shift) * scale
+        return white.apply(part) if white else part
 
+    video = (norm.video_shift, norm.video_scale, norm.video_whitening)
     if start_frame > 0:  # a chunk from the middle of a video holds only video frames
-        return affine(z, norm.video_shift, norm.video_scale)
-    image = affine(z[:, :, :1], norm.image_shift, norm.image_scale)
-    video = affine(z[:, :, 1:], norm.video_shift, norm.video_scale)
-    return torch.cat([image, video], dim=2)
+        return affine(z, *video)
+    image = affine(z[:, :, :1], norm.image_shift, norm.image_scale, norm.image_whitening)
+    return torch.cat([image, affine(z[:, :, 1:], *video)], dim=2)
 
 
 def normalize(z: torch.Tensor, scheme: str | LatentNorm, *, start_frame: int = 0) -> torch.Tensor:

@@ -44,7 +44,7 @@ from neodragon_cli.pipelines.data.shapes import (
 from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
 from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
-from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
+from neodragon_cli.pipelines.models.latents import LatentNorm, Whitening, normalize
 from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed
 from neodragon_cli.recipes import recipe_schema, setting
 
@@ -514,9 +514,9 @@ def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bo
     parent = Path(recipe.model.init) if recipe.model.init and (Path(recipe.model.init) / "state.json").is_file() else None
     with ArtifactWriter(out, command="train-vae", recipe_yaml=recipe_yaml, overwrite=overwrite, parent=parent) as art:
         vae.save_pretrained(art.path / "vae")
-        write_json(art.path / "latent_norm.json", dataclasses.asdict(norm))
+        write_json(art.path / "latent_norm.json", norm.to_dict())
         _copy_metrics(work, art)
-        art.record("train-vae", steps=result.step, latent_norm=dataclasses.asdict(norm), reconstruction=reconstruction,
+        art.record("train-vae", steps=result.step, latent_norm=norm.to_dict(), reconstruction=reconstruction,
                    latent_colour_readout=readout)
     return out
 
@@ -566,6 +566,8 @@ class T2VDataSection:
     videos: int = setting(2000, "rendered videos encoded once into the latent cache")
     images: int = setting(0, "further scenes whose first frame alone (an image) is encoded into a second cache")
     image_share: float = setting(0.0, "fraction of batches drawn from the image cache (latent frame 0 only)")
+    whiten: bool = setting(False, "whiten each latent cell (measured on the video cache, frame 0 apart) before the MMDiT sees it")
+    whiten_floor: float = setting(0.01, "variance added to every direction before whitening (keeps near-empty ones small)")
 
 
 @dataclass
@@ -606,6 +608,8 @@ class TrainT2VRecipe:
             problems.append(f"data.image_share must be in [0, 1], got {self.data.image_share}")
         elif self.data.image_share > 0 and self.data.images <= 0:
             problems.append("data.image_share > 0 needs data.images > 0 (the image cache it draws from)")
+        if self.data.whiten_floor <= 0:
+            problems.append(f"data.whiten_floor must be > 0, got {self.data.whiten_floor}")
         if not 0 <= self.sampling.history_noise < 1:
             problems.append(f"sampling.history_noise must be in [0, 1), got {self.sampling.history_noise}")
         return problems
@@ -663,7 +667,7 @@ def encoder_fingerprint(vae: CausalVideoVAE, norm: LatentNorm) -> str:
     """sha256 of what a cached latent depends on in the VAE: the encoder's config and weights and the
     latent normalisation (a decoder-only fine-tune keeps the fingerprint, so its caches stay valid)."""
     encoder_config = {k: v for k, v in vae.config.items() if k.startswith("encoder_")}
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(norm), encoder_config], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([norm.to_dict(), encoder_config], sort_keys=True).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         if name.startswith(("encoder.", "quant_conv.")):
             digest.update(name.encode())
@@ -742,6 +746,19 @@ def encode_image_cache(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: Latent
 
     source = _cache_source(recipe, vae, norm, "first frames", offset)
     return _cached_latents(path, recipe.data.images, 64, "first frames", source, encode)
+
+
+def cache_whitening(latents: torch.Tensor, floor: float, path: Path) -> LatentNorm:
+    """The whitening of normalised latents [N, C, T, h, w] (frame 0 and later frames apart), as a
+    LatentNorm that applies only it. Stored at `path` when first measured and read back after, so a
+    resumed run (even on a grown cache) keeps the latent space its checkpoints were trained in."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+    else:
+        stored = {"image_whitening": Whitening.measure(latents[:, :, :1], floor).to_dict(),
+                  "video_whitening": Whitening.measure(latents[:, :, 1:], floor).to_dict()}
+        write_json(path, stored)
+    return LatentNorm(image_shift=0.0, image_scale=1.0, video_shift=0.0, video_scale=1.0, **stored)
 
 
 def latent_object_mask(world: ShapesWorld, scene: Scene, grid: tuple[int, int], temporal: int = 8) -> np.ndarray:
@@ -845,6 +862,15 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
         started = time.time()
         images = encode_image_cache(recipe, vae, norm, work / "images.safetensors")
         console.print(f"image cache {tuple(images.shape)} ready ({time.time() - started:.0f} s)")
+    whitened_run = (work / "whitening.json").is_file()
+    if resume and whitened_run != recipe.data.whiten and any((work / "run" / "checkpoints").glob("step-*")):
+        raise UsageError(f"the checkpoints in {work} were trained on {'whitened' if whitened_run else 'unwhitened'} latents",
+                         hint=f"resume with data.whiten={str(whitened_run).lower()}")
+    if recipe.data.whiten:  # the caches stay scalar-normalised; the MMDiT trains on whitened latents
+        whitening = cache_whitening(latents, recipe.data.whiten_floor, work / "whitening.json")
+        latents = normalize(latents, whitening)
+        images = None if images is None else normalize(images, whitening)
+        norm = dataclasses.replace(norm, image_whitening=whitening.image_whitening, video_whitening=whitening.video_whitening)
     model = build_t2v(recipe, tokenizer_dir)
     trainer = Trainer(model, t2v_loss(recipe), _batches(recipe, latents, images), recipe.train, work / "run", resume=resume)
     result = trainer.fit()
@@ -860,7 +886,7 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
             "mmdit": {"component": "mmdit/pyramid-flow", "path": "mmdit"},
             "vae": {"component": "vae/pyramid-flow", "path": "vae"},
         },
-        "latent_norm": dataclasses.asdict(norm),
+        "latent_norm": norm.to_dict(),
         "sampling": {
             "mode": "monolithic", "video_steps": list(s.steps), "first_steps": list(s.first_frame_steps),
             "guidance": s.guidance, "video_guidance": s.video_guidance, "history_noise": s.history_noise, "frames": recipe.world.frames,

@@ -69,11 +69,15 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert (dec_out / "latent_norm.json").read_text() == (long_out / "latent_norm.json").read_text()
 
-    _ok(runner.invoke(app, [
+    t2v_args = [
         "train", "shapes/teacher_t2v", "-o", str(t2v_out), *WORLD, *TRAIN, "train.batch_size=4",
-        f"data.vae={vae_out}", "data.videos=4", "data.images=8", "data.image_share=0.5", "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
+        f"data.vae={vae_out}", "data.videos=4", "data.images=8", "data.image_share=0.5",
+        "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
         "mmdit.num_layers=1", "mmdit.num_attention_heads=2", "mmdit.attention_head_dim=16",
-    ]))
+    ]
+    _ok(runner.invoke(app, [*t2v_args, "data.whiten=true"]))
+    unwhitened = runner.invoke(app, [*t2v_args, "train.max_steps=3", "--resume", "--overwrite"])
+    assert unwhitened.exit_code == 2 and "trained on whitened latents" in unwhitened.output
     first = json.loads((t2v_out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss_stage0", "loss_stage1", "loss_stage2"} <= set(first)
     state = read_state(t2v_out)
@@ -81,6 +85,10 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     assert state["optimisations"][-1]["images"] == 8 and state["optimisations"][-1]["image_share"] == 0.5
     assert tuple(load_file(str(tmp_path / "t2v.work" / "images.safetensors"))["latents"].shape) == (8, 16, 1, 8, 8)
     assert state["parent"]["path"] == str(vae_out)
+    # the MMDiT trained on whitened latents: the pipeline un-whitens with the same measured map
+    shipped_norm = json.loads((t2v_out / "pipeline.json").read_text())["latent_norm"]
+    measured = json.loads((tmp_path / "t2v.work" / "whitening.json").read_text())
+    assert shipped_norm == {**norm, **measured} and len(measured["video_whitening"]["basis"]) == 16
 
     video = tmp_path / "gen" / "clip.mp4"
     _ok(runner.invoke(app, [

@@ -14,7 +14,7 @@ import neodragon_cli
 from neodragon_cli.errors import CheckpointError, UnknownNameError, UsageError
 from neodragon_cli.pipelines.models.causal_vae import AsymmetricCausalVideoVAE, CausalVideoVAE
 from neodragon_cli.pipelines.models.checkpoint import count_parameters
-from neodragon_cli.pipelines.models.latents import SCHEMES, LatentNorm, denormalize, normalize
+from neodragon_cli.pipelines.models.latents import SCHEMES, LatentNorm, Whitening, denormalize, normalize
 from neodragon_cli.pipelines.models.taehv import TAEHV, TAEHVDecoder
 
 ENCODER = dict(
@@ -303,6 +303,39 @@ def test_denormalize_inverts_normalize_per_scheme():
     assert not torch.equal(a[:, :, :1], b[:, :, :1])  # 0.5430 vs 1/1.8415 differ slightly
     assert SCHEMES["neodragon"].video_scale == 0.3031
     assert not math.isclose(SCHEMES["pyramid-flow"].video_scale, 0.3031, rel_tol=1e-3)
+
+
+def _correlated_latents(n: int, seed: int) -> torch.Tensor:
+    """[n, 4, 3, 5, 5] latents whose cells mostly vary along one direction, as a trained VAE's do."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.tensor([[3.0, 0.0, 0.0, 0.0], [2.9, 0.3, 0.0, 0.0], [2.8, 0.0, 0.1, 0.0], [0.0, 0.0, 0.0, 0.5]])
+    cells = torch.randn(n * 3 * 25, 4, generator=g) @ mixing.T + torch.tensor([1.0, -2.0, 0.5, 0.0])
+    return cells.reshape(n, 3, 5, 5, 4).movedim(-1, 1)
+
+
+def test_whitening_gives_every_direction_unit_variance_and_inverts():
+    z = _correlated_latents(400, 0)
+    white = Whitening.measure(z, floor=1e-6)
+    y = white.apply(z).movedim(1, -1).reshape(-1, 4)
+    torch.testing.assert_close(torch.cov(y.T), torch.eye(4), atol=2e-3, rtol=0)
+    torch.testing.assert_close(y.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(white.apply(white.apply(z), inverse=True), z, atol=1e-4, rtol=1e-4)
+    # the floor keeps a near-empty direction small: variance v / (v + floor)
+    floored = Whitening.measure(z, floor=0.01).apply(_correlated_latents(400, 1)).movedim(1, -1).reshape(-1, 4)
+    assert floored.var(0)[0] == pytest.approx(1.0, abs=0.05) and floored.var(0)[-1] < 0.6
+
+
+def test_whitened_norm_roundtrips_through_json_per_frame_group():
+    z = _correlated_latents(50, 2)
+    image, video = Whitening.measure(z[:, :, :1], 0.01), Whitening.measure(z[:, :, 1:], 0.01)
+    norm = LatentNorm(0.5, 2.0, -1.0, 0.25, image.to_dict(), video.to_dict())
+    loaded = LatentNorm(**json.loads(json.dumps(norm.to_dict())))
+    out = normalize(z, loaded)
+    torch.testing.assert_close(out[:, :, :1], image.apply((z[:, :, :1] - 0.5) * 2.0))
+    torch.testing.assert_close(out[:, :, 1:], video.apply((z[:, :, 1:] + 1.0) * 0.25))
+    torch.testing.assert_close(normalize(z[:, :, 1:], loaded, start_frame=1), out[:, :, 1:])
+    torch.testing.assert_close(denormalize(out, loaded), z, atol=1e-4, rtol=1e-4)
+    assert set(SCHEMES["neodragon"].to_dict()) == {"image_shift", "image_scale", "video_shift", "video_scale"}
 
 
 def test_unknown_scheme_suggests_known_names():
