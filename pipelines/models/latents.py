@@ -38,23 +38,6 @@ from neodragon_cli.errors import UnknownNameError
 
 
 @dataclass(frozen=True)
-class LatentNorm:
-    """Per-frame-group affine map: frame 0 uses the image factors, later frames the video factors.
-    A whitening (a `Whitening.to_dict()`), when set, is applied per latent cell after shift and scale."""
-
-    image_shift: float
-    image_scale: float
-    video_shift: float
-    video_scale: float
-    image_whitening: dict | None = None
-    video_whitening: dict | None = None
-
-    def to_dict(self) -> dict:
-        """JSON-ready fields (an unset whitening is left out); `LatentNorm(**d)` reads it back."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-@dataclass(frozen=True)
 class Whitening:
     """Per-cell map of C-channel latent vectors x: y = ((x - mean) @ basis) / std, so that each
     component of y has variance var_k / (var_k + floor) (about 1 for the strong directions; `floor`
@@ -90,6 +73,30 @@ class Whitening:
         return out.movedim(-1, 1)
 
 
+@dataclass(frozen=True)
+class LatentNorm:
+    """Per-frame-group affine map: frame 0 uses the image factors, later frames the video factors.
+    A whitening (a `Whitening`, or its `to_dict()` as read from JSON), when set, is applied per latent
+    cell after shift and scale."""
+
+    image_shift: float
+    image_scale: float
+    video_shift: float
+    video_scale: float
+    image_whitening: Whitening | None = None
+    video_whitening: Whitening | None = None
+
+    def __post_init__(self):
+        for name in ("image_whitening", "video_whitening"):  # once here, not on every normalize call
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, Whitening.from_dict(getattr(self, name)))
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (an unset whitening is left out); `LatentNorm(**d)` reads it back."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {k: v.to_dict() if isinstance(v, Whitening) else v for k, v in out.items()}
+
+
 SCHEMES: dict[str, LatentNorm] = {
     "pyramid-flow": LatentNorm(image_shift=0.1490, image_scale=1 / 1.8415, video_shift=-0.2343, video_scale=1 / 3.0986),
     "pyramid-flow-miniflux": LatentNorm(image_shift=-0.04, image_scale=1 / 1.8726, video_shift=-0.2343, video_scale=1 / 3.0986),
@@ -116,8 +123,7 @@ def _apply(z: torch.Tensor, scheme: str | LatentNorm, start_frame: int, inverse:
         raise ValueError(f"latents must be [B, C, T, H, W], got shape {tuple(z.shape)}")
     norm = get_scheme(scheme)
 
-    def affine(part: torch.Tensor, shift: float, scale: float, whitening: dict | None) -> torch.Tensor:
-        white = Whitening.from_dict(whitening) if whitening else None
+    def affine(part: torch.Tensor, shift: float, scale: float, white: Whitening | None) -> torch.Tensor:
         if inverse:
             return (white.apply(part, inverse=True) if white else part) / scale + shift
         part = (part - shift) * scale

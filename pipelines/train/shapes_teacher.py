@@ -45,7 +45,7 @@ from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_l
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
 from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
 from neodragon_cli.pipelines.models.latents import LatentNorm, Whitening, normalize
-from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed
+from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed, latest_checkpoint
 from neodragon_cli.recipes import recipe_schema, setting
 
 
@@ -863,7 +863,7 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
         images = encode_image_cache(recipe, vae, norm, work / "images.safetensors")
         console.print(f"image cache {tuple(images.shape)} ready ({time.time() - started:.0f} s)")
     whitened_run = (work / "whitening.json").is_file()
-    if resume and whitened_run != recipe.data.whiten and any((work / "run" / "checkpoints").glob("step-*")):
+    if resume and whitened_run != recipe.data.whiten and latest_checkpoint(work / "run") is not None:
         raise UsageError(f"the checkpoints in {work} were trained on {'whitened' if whitened_run else 'unwhitened'} latents",
                          hint=f"resume with data.whiten={str(whitened_run).lower()}")
     if recipe.data.whiten:  # the caches stay scalar-normalised; the MMDiT trains on whitened latents
