@@ -24,7 +24,7 @@ import torch
 from neodragon_cli.commands.generate import DEFAULT_MODEL, resolve_model
 from neodragon_cli.pipelines.data.shapes import ShapesVideoDataset, ShapesWorld
 from neodragon_cli.pipelines.flow.pipeline import Profiler, VideoPipeline
-from neodragon_cli.pipelines.flow.sampler import PyramidSampler, SamplingConfig, SeededNoise, mmdit_denoiser
+from neodragon_cli.pipelines.flow.sampler import PyramidSampler, SamplingConfig, SeededNoise, mmdit_denoiser, prediction_type
 from neodragon_cli.pipelines.flow.scheduler import noise_pyramid, parse_steps
 from neodragon_cli.pipelines.models.latents import normalize
 
@@ -46,7 +46,7 @@ def main() -> None:
     steps = parse_steps(args.steps)
     config = SamplingConfig(first_steps=steps, video_steps=steps, guidance=args.guidance, video_guidance=args.guidance,
                             history_noise=args.history_noise)
-    sampler = PyramidSampler(mmdit_denoiser(pipe.mmdit))
+    sampler = PyramidSampler(mmdit_denoiser(pipe.mmdit), prediction=prediction_type(pipe.mmdit))
     negative = pipe.encode_prompts([""], Profiler())
     dataset = ShapesVideoDataset(ShapesWorld(), length=args.videos, seed=args.seed, split=args.split)
 

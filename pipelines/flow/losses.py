@@ -22,6 +22,13 @@ the fraction of the cell an object covers (2x2 means of a full-resolution mask p
 normalised by the mean weight of the sample: objects are a few % of the latent, so without it the
 loss, and the gradient that reaches the text, is mostly about the background.
 
+An MMDiT that predicts the stage's clean latent (config `prediction: clean`) is trained on the same
+target: its output is turned into the velocity it implies (`velocity_from_clean`). In the last stage
+that velocity is (x - z_hat) / r, so an error in z_hat costs 1 / r^2; samples with r below
+`CLEAN_RATIO_FLOOR` are weighted by (r / floor)^2, which caps that cost at 1 / floor^2. (Clean-image
+prediction scored by its velocity is the parametrisation of "Back to Basics: Let Denoising Generative
+Models Denoise", Li & He 2025.)
+
 Every draw goes through a `NoiseSource` (kinds: text_dropout, noise, timestep, history_sigma,
 history_noise), so the reference's recorded draws replay exactly.
 """
@@ -33,7 +40,13 @@ from typing import Sequence
 
 import torch
 
-from neodragon_cli.pipelines.flow.sampler import NoiseSource, TextConditioning, corrupt_history, history_clips
+from neodragon_cli.pipelines.flow.sampler import (
+    NoiseSource,
+    TextConditioning,
+    corrupt_history,
+    history_clips,
+    prediction_type,
+)
 from neodragon_cli.pipelines.flow.scheduler import (
     PyramidFlowScheduler,
     latent_pyramid,
@@ -162,21 +175,38 @@ class FlowLoss:
     predictions: list[torch.Tensor]
 
 
-def flow_matching_loss(predictions: Sequence[torch.Tensor], batch: FlowBatch) -> FlowLoss:
+def flow_matching_loss(
+    predictions: Sequence[torch.Tensor], batch: FlowBatch, sample_weights: Sequence[torch.Tensor] | None = None
+) -> FlowLoss:
     """Mean over samples of the per-sample MSE (float32) between predicted and target velocity,
-    weighted per cell where a column carries a weight."""
+    weighted per cell where a column carries a weight, and per sample by `sample_weights` (one [b]
+    tensor per column) when given."""
     per_sample = []
-    for p, c in zip(predictions, batch.columns):
+    for j, (p, c) in enumerate(zip(predictions, batch.columns)):
         error = (p.float() - c.target.float()) ** 2
         if c.weight is None:
-            per_sample.append(error.flatten(1).mean(1))
+            loss = error.flatten(1).mean(1)
         else:
             weight = c.weight.float().expand_as(error)
-            per_sample.append((weight * error).flatten(1).mean(1) / weight.flatten(1).mean(1))
+            loss = (weight * error).flatten(1).mean(1) / weight.flatten(1).mean(1)
+        per_sample.append(loss if sample_weights is None else loss * sample_weights[j].to(loss))
     per_sample = torch.cat(per_sample)
     return FlowLoss(per_sample.mean(), per_sample, list(predictions))
 
 
-def pyramid_flow_loss(model, batch: FlowBatch) -> FlowLoss:
-    """Run an MMDiT (reference multi-column convention, returns one tensor per column) on `batch`."""
-    return flow_matching_loss(model(**batch.model_inputs()), batch)
+CLEAN_RATIO_FLOOR = 0.05
+
+
+def pyramid_flow_loss(model, batch: FlowBatch, scheduler: PyramidFlowScheduler | None = None) -> FlowLoss:
+    """Run an MMDiT (reference multi-column convention, returns one tensor per column) on `batch`;
+    a clean-latent predictor's outputs are scored as the velocities they imply (module docstring)."""
+    outputs = model(**batch.model_inputs())
+    if prediction_type(model) == "velocity":
+        return flow_matching_loss(outputs, batch)
+    sched = scheduler or PyramidFlowScheduler()
+    velocities, weights = [], []
+    for out, c in zip(outputs, batch.columns):
+        velocities.append(sched.velocity_from_clean(c.clips[-1].float(), out.float(), c.stage, c.ratios))
+        floored = (c.ratios.float() / CLEAN_RATIO_FLOOR).clamp(max=1) ** 2
+        weights.append(floored if c.stage == sched.num_stages - 1 else torch.ones_like(floored))
+    return flow_matching_loss(velocities, batch, weights)

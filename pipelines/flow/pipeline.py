@@ -51,6 +51,7 @@ from neodragon_cli.pipelines.flow.sampler import (
     StepEvent,
     TextConditioning,
     mmdit_denoiser,
+    prediction_type,
 )
 from neodragon_cli.pipelines.flow.scheduler import parse_steps
 from neodragon_cli.pipelines.models.latents import LatentNorm, denormalize, get_scheme, normalize
@@ -493,7 +494,7 @@ class VideoPipeline:
             with profile.section("mmdit"), torch.no_grad():
                 return denoise(clips, cond, t)
 
-        sampler = PyramidSampler(timed_denoiser)
+        sampler = PyramidSampler(timed_denoiser, prediction=prediction_type(self.mmdit))
         latents: list[torch.Tensor] = []
 
         def sampled():

@@ -18,7 +18,10 @@ the reference implementations, per kind and in order).
 Layouts: latents `[B, C, T, H, W]` in the normalised latent space; text tensors as in
 `TextConditioning`. The denoiser is any callable `(clips, text, timestep) -> velocity` where `clips`
 is the history (oldest first) followed by the noisy current clip and the velocity has the current
-clip's shape; `mmdit_denoiser` adapts an MMDiT with the reference call convention.
+clip's shape; `mmdit_denoiser` adapts an MMDiT with the reference call convention. A denoiser that
+predicts the stage's clean latent instead (`prediction="clean"`, an MMDiT config option) has its
+output turned into the velocity it implies (`PyramidFlowScheduler.velocity_from_clean`) before
+guidance and the Euler step.
 """
 
 from __future__ import annotations
@@ -165,6 +168,16 @@ def mmdit_denoiser(model) -> Denoiser:
     return call
 
 
+PREDICTIONS = ("velocity", "clean")
+
+
+def prediction_type(model) -> str:
+    """What an MMDiT outputs: "velocity" (the stage's start - end, as the published models do) or
+    "clean" (the stage's clean latent); read from its config's `prediction`."""
+    config = getattr(model, "config", None)
+    return config.get("prediction", "velocity") if isinstance(config, dict) else "velocity"
+
+
 # ---------------------------------------------------------------------- configuration and events
 
 
@@ -250,9 +263,12 @@ def corrupt_history(clip: torch.Tensor, mix, noise: NoiseSource) -> torch.Tensor
 class PyramidSampler:
     """Runs the generation loop of one batch of videos; see the module docstring."""
 
-    def __init__(self, denoiser: Denoiser, scheduler: PyramidFlowScheduler | None = None):
+    def __init__(self, denoiser: Denoiser, scheduler: PyramidFlowScheduler | None = None, prediction: str = "velocity"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
         self.denoiser = denoiser
         self.scheduler = scheduler or PyramidFlowScheduler()
+        self.prediction = prediction
 
     def latent_frames(
         self,
@@ -319,11 +335,14 @@ class PyramidSampler:
                 model_in = torch.cat([latents, latents]) if cfg else latents
                 t = torch.full((model_in.shape[0],), float(t_value), dtype=latents.dtype, device=latents.device)
                 raw = self.denoiser(model_history + [model_in], cond, t)
+                velocities = raw.float()
+                if self.prediction == "clean":
+                    velocities = sched.velocity_from_clean(model_in.float(), velocities, stage, float(sigmas[k]))
                 if cfg:
-                    uncond, positive = raw.float().chunk(2)
+                    uncond, positive = velocities.chunk(2)
                     velocity = uncond + scale * (positive - uncond)
                 else:
-                    velocity = raw.float()
+                    velocity = velocities
                 new = sched.step(velocity, float(sigmas[k]), float(sigmas[k + 1]), latents)
                 if callback is not None:
                     callback(

@@ -139,6 +139,23 @@ class PyramidFlowScheduler:
         """One Euler step of the local flow, in float32, cast back to the velocity's dtype."""
         return (sample.float() + (sigma_next - sigma) * velocity.float()).to(velocity.dtype)
 
+    def velocity_from_clean(self, sample: torch.Tensor, clean: torch.Tensor, stage: int, ratio: float | torch.Tensor) -> torch.Tensor:
+        """The velocity (start - end) that a prediction `clean` of the stage's clean latent implies at
+        `sample`, both `[B, C, T, h, w]`; `ratio` is the local noise ratio r, a float or one per sample.
+
+        Training builds x = r start + (1 - r) end with start = S n + (1 - S) Up(Down(z)) and
+        end = E n + (1 - E) z from one noise n (`losses` module), so z fixes n and hence the velocity.
+        In the last stage (E = 0) it is (x - z) / r: an Euler step to r = 0 lands on the prediction."""
+        table = self.stages[stage]
+        start, end = table.start_sigma, table.end_sigma
+        if isinstance(ratio, torch.Tensor):
+            ratio = ratio.to(sample).view(-1, *[1] * (sample.dim() - 1))
+        clean = clean.to(sample.dtype)
+        coarse = upsample_nearest_2x(downsample_2x(clean)) if stage > 0 else torch.zeros_like(clean)
+        signal = ratio * (1 - start) * coarse + (1 - ratio) * (1 - end) * clean
+        noise = (sample - signal) / (ratio * start + (1 - ratio) * end)
+        return (start - end) * noise + (1 - start) * coarse - (1 - end) * clean
+
     # ------------------------------------------------------------------ stage jumps
 
     def jump_coefficients(self, stage: int) -> tuple[float, float]:

@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neodragon_cli.errors import CheckpointError, UsageError
+from neodragon_cli.pipelines.flow.sampler import PREDICTIONS
 from neodragon_cli.pipelines.models.checkpoint import (
     check_state_dict,
     config_kwargs,
@@ -421,6 +422,8 @@ class PyramidFlowMMDiT(nn.Module):
     the blockwise SDPA path with the T5 mask. `use_temporal_causal` and `interp_condition_pos` switch
     the mask and the history positions as in the reference. With `use_gradient_checkpointing`, blocks
     from index int(num_layers * gradient_checkpointing_ratio) on are recomputed in backward.
+    `prediction` says what the output is: "velocity" (the published models) or "clean", the stage's
+    clean latent (our option; samplers and the flow loss turn it into the velocity it implies).
     """
 
     PUBLISHED_CLASS_NAME = "PyramidDiffusionMMDiT"
@@ -458,6 +461,7 @@ class PyramidFlowMMDiT(nn.Module):
         add_temp_pos_embed: bool = True,
         interp_condition_pos: bool = True,
         gradient_checkpointing_ratio: float = 0.6,
+        prediction: str = "velocity",
     ):
         super().__init__()
         self.config = _arguments(locals())
@@ -477,6 +481,8 @@ class PyramidFlowMMDiT(nn.Module):
             problems.append(f"caption_projection_dim {cfg['caption_projection_dim']} != heads * head_dim = {dim}")
         if head_dim % 2:
             problems.append(f"odd attention_head_dim {head_dim} (RoPE rotates pairs)")
+        if cfg.get("prediction", "velocity") not in PREDICTIONS:
+            problems.append(f"prediction '{cfg['prediction']}' (known: {', '.join(PREDICTIONS)})")
         if problems:
             raise UsageError("unsupported MMDiT config: " + "; ".join(problems))
 

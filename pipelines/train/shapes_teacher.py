@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -549,6 +550,7 @@ class MMDiTSection:
     num_layers: int = setting(6, "joint transformer blocks")
     num_attention_heads: int = setting(6, "heads")
     attention_head_dim: int = setting(32, "head width (inner width = heads x head width)")
+    prediction: Literal["velocity", "clean"] = setting("velocity", "what the MMDiT outputs: velocity (as Pyramid-Flow) or clean (the stage's clean latent)")
 
 
 @dataclass
@@ -656,6 +658,7 @@ def build_t2v(recipe: TrainT2VRecipe, tokenizer_dir: Path) -> TextToVideoModel:
         attention_head_dim=m.attention_head_dim, num_attention_heads=m.num_attention_heads,
         caption_projection_dim=m.num_attention_heads * m.attention_head_dim, pooled_projection_dim=t.pooled_dim,
         pos_embed_max_size=max(latent_size // 2, 16), max_num_frames=64, joint_attention_dim=t.t5_width,
+        prediction=m.prediction,
     )
     return TextToVideoModel(bundle, mmdit)
 

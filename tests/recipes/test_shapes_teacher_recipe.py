@@ -73,7 +73,7 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
         "train", "shapes/teacher_t2v", "-o", str(t2v_out), *WORLD, *TRAIN, "train.batch_size=4",
         f"data.vae={vae_out}", "data.videos=4", "data.images=8", "data.image_share=0.5",
         "text.t5_width=32", "text.clip_width=32", "text.pooled_dim=16",
-        "mmdit.num_layers=1", "mmdit.num_attention_heads=2", "mmdit.attention_head_dim=16",
+        "mmdit.num_layers=1", "mmdit.num_attention_heads=2", "mmdit.attention_head_dim=16", "mmdit.prediction=clean",
     ]
     _ok(runner.invoke(app, [*t2v_args, "data.whiten=true"]))
     unwhitened = runner.invoke(app, [*t2v_args, "train.max_steps=3", "--resume", "--overwrite"])
@@ -89,6 +89,8 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     shipped_norm = json.loads((t2v_out / "pipeline.json").read_text())["latent_norm"]
     measured = json.loads((tmp_path / "t2v.work" / "whitening.json").read_text())
     assert shipped_norm == {**norm, **measured} and len(measured["video_whitening"]["basis"]) == 16
+    # a clean-latent MMDiT says so in its config, and generate reads it from there
+    assert json.loads((t2v_out / "mmdit" / "config.json").read_text())["prediction"] == "clean"
 
     video = tmp_path / "gen" / "clip.mp4"
     _ok(runner.invoke(app, [

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import neodragon_cli
 from neodragon_cli.errors import CheckpointError, UsageError
+from neodragon_cli.pipelines.flow.sampler import prediction_type
 from neodragon_cli.pipelines.models.mmdit import (
     PRESETS,
     WEIGHTS_NAME,
@@ -205,6 +206,20 @@ def test_unsupported_config_is_a_checkpoint_error(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="pos_embed_type 'rope'"):
         PyramidFlowMMDiT.from_pretrained(tmp_path / "ckpt")
+
+
+def test_prediction_is_saved_with_the_weights_and_published_configs_predict_velocity(tmp_path):
+    PyramidFlowMMDiT(**TINY, prediction="clean").save_pretrained(tmp_path / "clean")
+    assert prediction_type(PyramidFlowMMDiT.from_pretrained(tmp_path / "clean")) == "clean"
+    PyramidFlowMMDiT(**TINY).save_pretrained(tmp_path / "published")
+    config_path = tmp_path / "published" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["prediction"]  # the published config.json has no such field
+    config_path.write_text(json.dumps(config))
+    assert prediction_type(PyramidFlowMMDiT.from_pretrained(tmp_path / "published")) == "velocity"
+    assert prediction_type(NeodragonMMDiT(**TINY)) == "velocity"
+    with pytest.raises(UsageError, match="prediction 'noise'"):
+        PyramidFlowMMDiT(**TINY, prediction="noise")
 
 
 # ---------------------------------------------------------------- inputs and training

@@ -16,7 +16,7 @@ from neodragon_cli.pipelines.flow.sampler import (
     TextConditioning,
     history_clips,
 )
-from neodragon_cli.pipelines.flow.scheduler import noise_pyramid
+from neodragon_cli.pipelines.flow.scheduler import latent_pyramid, noise_pyramid
 
 
 def _text(batch=1, value=0.0):
@@ -198,3 +198,29 @@ def test_history_noise_mixes_fresh_noise_into_every_history_clip():
         eps = (h - 0.75 * ones) / 0.25  # the mixed-in noise: unit variance, not the clean frame
         assert h.shape == ones.shape and 0.5 < eps.std() < 1.5 and abs(eps.mean()) < 0.5, stage
     assert not torch.allclose(seen[1][0].mean(), seen[2][0].mean())  # fresh noise per stage
+
+
+def test_a_clean_latent_oracle_regenerates_the_video_only_under_clean_prediction():
+    """A denoiser that returns the true clean latent of the stage (resolution read from the clip,
+    frame from the history length) must make the sampler land on the true latents exactly when the
+    sampler knows the output is a clean latent; read as a velocity, the same output does not."""
+    true = torch.randn(1, 4, 3, 8, 16, generator=torch.Generator().manual_seed(0))
+    levels = latent_pyramid(true)
+
+    def oracle(clips, text, timestep):
+        unit = sum(c.shape[2] for c in clips[:-1])
+        stage = [level.shape[-2] for level in levels].index(clips[-1].shape[-2])
+        return levels[stage][:, :, unit : unit + 1].expand_as(clips[-1]).clone()
+
+    config = SamplingConfig(first_steps=(3, 2, 4), video_steps=(2, 3, 2), guidance=7.0, video_guidance=5.0)
+
+    def generate(prediction):
+        sampler = PyramidSampler(oracle, prediction=prediction)
+        frames = sampler.latent_frames(_text(value=1.0), negative=_text(value=0.0), num_frames=3, latent_channels=4,
+                                       latent_size=(8, 16), config=config, noise=SeededNoise(3))
+        return torch.cat(list(frames), dim=2)
+
+    torch.testing.assert_close(generate("clean"), true, atol=1e-4, rtol=0)
+    assert (generate("velocity") - true).abs().max() > 0.5
+    with pytest.raises(ValueError, match="prediction"):
+        PyramidSampler(oracle, prediction="noise")

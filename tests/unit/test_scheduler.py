@@ -119,3 +119,33 @@ def test_training_point_grid():
     r, t = sched.training_point(torch.tensor([0.0, 0.5, 0.9999999]), 1)
     torch.testing.assert_close(r.double(), torch.tensor([1.0, 0.5, 0.001], dtype=torch.float64), atol=1e-7, rtol=0)
     assert t[0].item() == 744.0 and t[-1].item() == pytest.approx(386.358, abs=1e-3)
+
+
+def test_velocity_from_clean_recovers_every_training_target():
+    """Given each sample's true clean latent at its stage, the implied velocity is the training
+    target start - end (built by the loss module, independently), and a clean-latent model that
+    outputs it has zero flow loss; one that misses it does not."""
+    from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
+    from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
+
+    latents = torch.randn(8, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = TextConditioning(torch.zeros(8, 3, 6), torch.ones(8, 3, dtype=torch.long), torch.zeros(8, 5))
+    null = TextConditioning(torch.zeros(1, 3, 6), torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 5))
+    batch = build_flow_batch(latents, text, null, SeededNoise(2), temporal_pyramid=False)
+    sched, levels = PyramidFlowScheduler(), latent_pyramid(latents)
+    cleans = [levels[c.stage][c.samples] for c in batch.columns]
+    for column, clean in zip(batch.columns, cleans):
+        implied = sched.velocity_from_clean(column.clips[-1], clean, column.stage, column.ratios)
+        torch.testing.assert_close(implied, column.target, atol=2e-4, rtol=1e-4)
+
+    class CleanModel:
+        config = {"prediction": "clean"}
+
+        def __init__(self, offset):
+            self.offset = offset
+
+        def __call__(self, **inputs):
+            return [clean + self.offset for clean in cleans]
+
+    assert pyramid_flow_loss(CleanModel(0.0), batch).loss < 1e-6
+    assert pyramid_flow_loss(CleanModel(0.1), batch).loss > 1e-3
