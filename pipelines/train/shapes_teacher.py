@@ -841,6 +841,19 @@ def _batches(recipe: TrainT2VRecipe, latents: torch.Tensor, images: torch.Tensor
     return batch
 
 
+def _keep_prediction(work: Path, prediction: str, resume: bool) -> None:
+    """Checkpoints hold weights, not what the MMDiT outputs: the work folder records it (folders from
+    before the option hold velocity MMDiTs), and a resume that would read the weights otherwise is refused."""
+    path = work / "prediction.json"
+    trained = latest_checkpoint(work / "run") is not None
+    stored = json.loads(path.read_text())["prediction"] if path.is_file() else "velocity"
+    if trained and resume and stored != prediction:
+        raise UsageError(f"the checkpoints in {work} are of an MMDiT that predicts {stored}",
+                         hint=f"resume with mmdit.prediction={stored}")
+    if not trained:
+        write_json(path, {"prediction": prediction})
+
+
 def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> Path:
     from neodragon_cli.pipelines.data.caption_tokenizer import train_caption_tokenizer
     from neodragon_cli.pipelines.flow.pipeline import PIPELINE_FILE, PIPELINE_FORMAT
@@ -869,6 +882,7 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
     if resume and whitened_run != recipe.data.whiten and latest_checkpoint(work / "run") is not None:
         raise UsageError(f"the checkpoints in {work} were trained on {'whitened' if whitened_run else 'unwhitened'} latents",
                          hint=f"resume with data.whiten={str(whitened_run).lower()}")
+    _keep_prediction(work, recipe.mmdit.prediction, resume)
     if recipe.data.whiten:  # the caches stay scalar-normalised; the MMDiT trains on whitened latents
         whitening = cache_whitening(latents, recipe.data.whiten_floor, work / "whitening.json")
         latents = normalize(latents, whitening)

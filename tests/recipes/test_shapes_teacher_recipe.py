@@ -78,6 +78,8 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     _ok(runner.invoke(app, [*t2v_args, "data.whiten=true"]))
     unwhitened = runner.invoke(app, [*t2v_args, "train.max_steps=3", "--resume", "--overwrite"])
     assert unwhitened.exit_code == 2 and "trained on whitened latents" in unwhitened.output
+    as_velocity = runner.invoke(app, [*t2v_args, "data.whiten=true", "mmdit.prediction=velocity", "train.max_steps=3", "--resume", "--overwrite"])
+    assert as_velocity.exit_code == 2 and "an MMDiT that predicts clean" in as_velocity.output
     first = json.loads((t2v_out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss_stage0", "loss_stage1", "loss_stage2"} <= set(first)
     state = read_state(t2v_out)
