@@ -77,6 +77,7 @@ class FlowBatch:
     columns: list[FlowColumn]
     text: TextConditioning
     timesteps: torch.Tensor  # [B]
+    scheduler: PyramidFlowScheduler  # the one the inputs were built with (the loss reads it back)
 
     def model_inputs(self) -> dict:
         """Keyword arguments of an MMDiT with the reference (multi-column) call convention."""
@@ -165,7 +166,7 @@ def build_flow_batch(
         r = ratio.view(-1, 1, 1, 1, 1)
         columns.append(FlowColumn(s, idx, history + [r * start + (1 - r) * end], start - end, ratio, tstep, weight))
         timesteps[idx] = tstep
-    return FlowBatch(columns, text, timesteps)
+    return FlowBatch(columns, text, timesteps, sched)
 
 
 @dataclass
@@ -197,13 +198,13 @@ def flow_matching_loss(
 CLEAN_RATIO_FLOOR = 0.05
 
 
-def pyramid_flow_loss(model, batch: FlowBatch, scheduler: PyramidFlowScheduler | None = None) -> FlowLoss:
+def pyramid_flow_loss(model, batch: FlowBatch) -> FlowLoss:
     """Run an MMDiT (reference multi-column convention, returns one tensor per column) on `batch`;
     a clean-latent predictor's outputs are scored as the velocities they imply (module docstring)."""
     outputs = model(**batch.model_inputs())
     if prediction_type(model) == "velocity":
         return flow_matching_loss(outputs, batch)
-    sched = scheduler or PyramidFlowScheduler()
+    sched = batch.scheduler
     velocities, weights = [], []
     for out, c in zip(outputs, batch.columns):
         velocities.append(sched.velocity_from_clean(c.clips[-1].float(), out.float(), c.stage, c.ratios))
