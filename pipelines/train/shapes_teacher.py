@@ -841,17 +841,23 @@ def _batches(recipe: TrainT2VRecipe, latents: torch.Tensor, images: torch.Tensor
     return batch
 
 
-def _keep_prediction(work: Path, prediction: str, resume: bool) -> None:
-    """Checkpoints hold weights, not what the MMDiT outputs: the work folder records it (folders from
-    before the option hold velocity MMDiTs), and a resume that would read the weights otherwise is refused."""
-    path = work / "prediction.json"
+def _check_resume(work: Path, recipe: TrainT2VRecipe, resume: bool) -> None:
+    """Checkpoints hold weights only, so the work folder records what they were trained as: on whitened
+    latents (`whitening.json`) and predicting what (`prediction.json`; folders from before the option
+    hold velocity MMDiTs). A resume that would read the weights otherwise is refused, before any cache
+    is encoded."""
     trained = latest_checkpoint(work / "run") is not None
+    whitened_run = (work / "whitening.json").is_file()
+    if trained and resume and whitened_run != recipe.data.whiten:
+        raise UsageError(f"the checkpoints in {work} were trained on {'whitened' if whitened_run else 'unwhitened'} latents",
+                         hint=f"resume with data.whiten={str(whitened_run).lower()}")
+    path = work / "prediction.json"
     stored = json.loads(path.read_text())["prediction"] if path.is_file() else "velocity"
-    if trained and resume and stored != prediction:
+    if trained and resume and stored != recipe.mmdit.prediction:
         raise UsageError(f"the checkpoints in {work} are of an MMDiT that predicts {stored}",
                          hint=f"resume with mmdit.prediction={stored}")
     if not trained:
-        write_json(path, {"prediction": prediction})
+        write_json(path, {"prediction": recipe.mmdit.prediction})
 
 
 def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> Path:
@@ -865,6 +871,7 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
         raise UsageError(f"{vae_dir} is not a train-vae artifact (no vae/ or latent_norm.json)")
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
+    _check_resume(work, recipe, resume)
     vae = CausalVideoVAE.from_pretrained(vae_dir / "vae").eval()
     norm = LatentNorm(**json.loads((vae_dir / "latent_norm.json").read_text()))
     tokenizer_dir = work / "tokenizer"
@@ -878,11 +885,6 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
         started = time.time()
         images = encode_image_cache(recipe, vae, norm, work / "images.safetensors")
         console.print(f"image cache {tuple(images.shape)} ready ({time.time() - started:.0f} s)")
-    whitened_run = (work / "whitening.json").is_file()
-    if resume and whitened_run != recipe.data.whiten and latest_checkpoint(work / "run") is not None:
-        raise UsageError(f"the checkpoints in {work} were trained on {'whitened' if whitened_run else 'unwhitened'} latents",
-                         hint=f"resume with data.whiten={str(whitened_run).lower()}")
-    _keep_prediction(work, recipe.mmdit.prediction, resume)
     if recipe.data.whiten:  # the caches stay scalar-normalised; the MMDiT trains on whitened latents
         whitening = cache_whitening(latents, recipe.data.whiten_floor, work / "whitening.json")
         latents = normalize(latents, whitening)
