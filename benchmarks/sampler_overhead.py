@@ -24,7 +24,7 @@ import torch
 from neodragon_cli.pipelines.flow.pipeline import GenerationSettings, Profiler, VideoPipeline
 from neodragon_cli.pipelines.flow.sampler import TextConditioning
 from neodragon_cli.pipelines.models.causal_vae import AsymmetricCausalVideoVAE
-from neodragon_cli.pipelines.models.mmdit import NeodragonMMDiT
+from neodragon_cli.pipelines.models.mmdit import mmdit_from_preset
 
 NETWORKS = ("mmdit", "vae_encoder", "decoder")
 
@@ -40,7 +40,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     build = time.perf_counter()
-    pipe = VideoPipeline(mmdit=NeodragonMMDiT(num_layers=args.blocks).eval(), vae=AsymmetricCausalVideoVAE().eval())
+    mmdit = mmdit_from_preset("neodragon-18", num_layers=args.blocks).eval()
+    pipe = VideoPipeline(mmdit=mmdit, vae=AsymmetricCausalVideoVAE().eval())
     text = TextConditioning(torch.randn(1, 128, 1536), torch.ones(1, 128, dtype=torch.long), torch.randn(1, 2048))
     settings = GenerationSettings(
         mode="hybrid", first_steps=[1, 1, 1], video_steps=[1, 1, 1], guidance=0.0, video_guidance=0.0,

@@ -23,29 +23,21 @@ TAEHV-style decoder (`taehv.TAEHVDecoder`, 9.9M params, 8(T-1)+1 frames, not cla
 
 from __future__ import annotations
 
-import inspect
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, ClassVar, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from neodragon_cli.errors import CheckpointError, UsageError
-from neodragon_cli.pipelines.models.checkpoint import (
-    config_kwargs,
-    find_file,
-    load_state_dict_checked,
-    read_config,
-    read_state_dict,
-    save_folder,
-)
+from neodragon_cli.pipelines.models.base import Checkpoint, PretrainedModel
+from neodragon_cli.pipelines.models.checkpoint import read_config
 from neodragon_cli.pipelines.models.taehv import TAEHVDecoder
 from neodragon_cli.registry import register
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-WEIGHT_FILES = (WEIGHTS, "diffusion_pytorch_model.bin")
 GROUP_NORM_EPS = 1e-6
 
 # CausalConv3d -> its input frames carried over to the next chunk. Passing None instead means
@@ -300,12 +292,6 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3, 4))
 
 
-def _arguments(frame_locals: dict) -> dict:
-    """The constructor arguments (JSON-ready) from `locals()` at the top of an __init__."""
-    jsonable = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    return {k: jsonable(v) for k, v in frame_locals.items() if k not in ("self", "__class__")}
-
-
 def _windows(x: torch.Tensor, window: int) -> list[torch.Tensor]:
     """Pyramid-Flow's temporal chunks: the first 1 + window frames, then window frames at a time."""
     if window < 1:
@@ -350,11 +336,27 @@ def _class_name_is(path: Path, name: str, marker_key: str) -> bool:
     return config.get("_class_name") == name or ("_class_name" not in config and marker_key in config)
 
 
-class _CausalEncoding(nn.Module):
-    """Encoding shared by both VAEs: `encoder` + `quant_conv` -> DiagonalGaussian, optionally in chunks."""
+class _CausalEncoding(PretrainedModel):
+    """Encoding shared by both VAEs: `encoder` + `quant_conv` -> DiagonalGaussian, optionally in chunks.
 
-    latent_channels: int
-    temporal_compression: int
+    Declared for the later commands: `temporal_compression` / `spatial_compression` (pixels per latent
+    in time / in H and W), `latent_norm` (the latents.py scheme of the published model); the stages are
+    not interchangeable blocks (no `repeated_blocks`) and every conv quantizes (no `keep_precision`)."""
+
+    latent_norm: ClassVar[str]
+    temporal_compression: int  # a property of each VAE
+    spatial_compression: int
+    repeated_blocks = ()
+    keep_precision = ()
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config["encoder_out_channels"]
+
+    def example_inputs(self, batch: int = 1) -> dict:
+        """video [batch, 3, 1 + temporal_compression, 2 * spatial_compression (H and W)]: two latent frames of 2x2."""
+        side = 2 * self.spatial_compression
+        return {"video": torch.rand(batch, 3, 1 + self.temporal_compression, side, side, **self._example_factory()) * 2 - 1}
 
     def encode(self, video: torch.Tensor, *, window: int | None = None) -> DiagonalGaussian:
         """video [B, 3, T, H, W] in [-1, 1] -> posterior over [B, 16, (T-1)//8 + 1, H/8, W/8].
@@ -383,21 +385,11 @@ class _CausalEncoding(nn.Module):
         return self.decode(z), posterior
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides):
-        """Load a `causal_video_vae/` folder (config.json + diffusion_pytorch_model.safetensors), or a
-        model root containing one. Keyword arguments override config entries."""
-        folder = _checkpoint_folder(Path(path))
-        config = {**read_config(folder), **overrides}
-        model = cls(**config_kwargs(config, set(cls._config_keys())))
-        state = _rename_legacy_attention(read_state_dict(find_file(folder, WEIGHT_FILES)))
-        return load_state_dict_checked(model, state, source=str(folder))
-
-    @classmethod
-    def _config_keys(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_folder(path, {"_class_name": type(self).__name__, **self.config}, self.state_dict(), WEIGHTS)
+    def read_checkpoint(cls, path: Path) -> Checkpoint:
+        """A `causal_video_vae/` folder (config.json + diffusion_pytorch_model.safetensors), or a model
+        root containing one; old diffusers attention key names are renamed."""
+        checkpoint = super().read_checkpoint(_checkpoint_folder(path))
+        return replace(checkpoint, state=_rename_legacy_attention(checkpoint.state))
 
 
 @register(
@@ -449,7 +441,6 @@ class CausalVideoVAE(_CausalEncoding):
         downsample_scale: int = 8,
     ):
         super().__init__()
-        self.config = _arguments(locals())
         _require(decoder_act_fn == "silu", "only the silu activation is implemented")
         _require(encoder_double_z, "encoder_double_z must be true (the encoder outputs mean and logvar)")
         _require(encoder_type == decoder_type == "causal_vae_conv", f"encoder/decoder type {encoder_type}/{decoder_type}")
@@ -457,9 +448,6 @@ class CausalVideoVAE(_CausalEncoding):
         _require(
             sum(encoder_temporal_down_sample) == sum(decoder_temporal_up_sample), "encoder and decoder temporal factors differ"
         )
-        self.latent_channels = encoder_out_channels
-        self.temporal_compression = 2 ** sum(encoder_temporal_down_sample)
-        self.spatial_compression = 2 ** sum(encoder_spatial_down_sample)
         self.encoder = CausalVaeEncoder.from_vae_config(self.config)
         self.decoder = CausalVaeDecoder(
             decoder_in_channels, decoder_out_channels, decoder_block_out_channels, decoder_layers_per_block,
@@ -467,6 +455,14 @@ class CausalVideoVAE(_CausalEncoding):
         )  # fmt: skip
         self.quant_conv = CausalConv3d(2 * encoder_out_channels, 2 * encoder_out_channels, 1)
         self.post_quant_conv = CausalConv3d(decoder_in_channels, decoder_in_channels, 1) if add_post_quant_conv else None
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(self.config["encoder_temporal_down_sample"])
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** sum(self.config["encoder_spatial_down_sample"])
 
     def _decode_chunk(self, z: torch.Tensor, cache: ConvCache | None) -> torch.Tensor:
         if self.post_quant_conv is not None:
@@ -523,16 +519,20 @@ class AsymmetricCausalVideoVAE(_CausalEncoding):
         spatial_downsample_scale: int = 8,
     ):
         super().__init__()
-        self.config = _arguments(locals())
         temporal = (2 ** sum(encoder_temporal_down_sample), temporal_downsample_scale, 2 ** sum(decoder_time_upscale))
         _require(len(set(temporal)) == 1, f"temporal factors of encoder, config and decoder differ: {temporal}")
-        self.latent_channels = encoder_out_channels
-        self.temporal_compression = temporal_downsample_scale
-        self.spatial_compression = spatial_downsample_scale
         self.encoder = CausalVaeEncoder.from_vae_config(self.config)
         self.quant_conv = CausalConv3d(2 * encoder_out_channels, 2 * encoder_out_channels, 1)
         self.post_quant_conv = CausalConv3d(encoder_out_channels, encoder_out_channels, 1)
         self.decoder = TAEHVDecoder(encoder_out_channels, decoder_num_features, decoder_time_upscale, decoder_space_upscale)
+
+    @property
+    def temporal_compression(self) -> int:
+        return self.config["temporal_downsample_scale"]
+
+    @property
+    def spatial_compression(self) -> int:
+        return self.config["spatial_downsample_scale"]
 
     def decode(self, latents: torch.Tensor, *, parallel: bool = True) -> torch.Tensor:
         """raw latents [B, 16, T, h, w] -> video [B, 3, 8(T-1)+1, 8h, 8w]; parallel=False runs frame by frame."""

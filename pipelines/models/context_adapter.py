@@ -32,14 +32,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from neodragon_cli.errors import CheckpointError, UsageError
-from neodragon_cli.pipelines.models.checkpoint import (
-    find_file,
-    load_state_dict_checked,
-    read_config,
-    read_state_dict,
-    save_folder,
-)
+from neodragon_cli.errors import UsageError
+from neodragon_cli.pipelines.models.base import PretrainedModel
+from neodragon_cli.pipelines.models.checkpoint import load_state_dict_checked
 from neodragon_cli.registry import register
 
 ACTIVATIONS = {
@@ -49,11 +44,6 @@ ACTIVATIONS = {
     "silu": nn.SiLU,
     "linear": nn.Identity,
 }
-
-_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_CONFIG_KEYS = (
-    "input_dims", "output_dims", "layer_depths", "skips", "use_biases", "pre_activation", "activation_fn", "out_activation_fn",
-)
 
 
 def _activation(name: str) -> nn.Module:
@@ -77,8 +67,12 @@ def _looks_like_context_adapter(path: Path) -> bool:
     description="Neodragon ContextAdapter (SkipMLP, text width -> MMDiT width)",
     detect=_looks_like_context_adapter,
 )
-class ContextAdapter(nn.Module):
+class ContextAdapter(PretrainedModel):
     """Skip MLP [..., input_dims] -> [..., output_dims] (see the module docstring for the layout)."""
+
+    published_class_name = "ContextAdapter"
+    repeated_blocks = ()  # each layer has its own input width
+    keep_precision = ("*",)  # a small norm-free MLP: 2.6 dB SQNR at W8A16 against 39.4 dB in FP16 (deploy notes)
 
     def __init__(
         self,
@@ -97,16 +91,6 @@ class ContextAdapter(nn.Module):
         if pre_activation:
             # The published checkpoints use post-activation; the pre-activation output layer is not documented.
             raise ValueError("pre_activation=True is not supported")
-        self.config = {
-            "input_dims": input_dims,
-            "output_dims": output_dims,
-            "layer_depths": list(layer_depths),
-            "skips": list(skips),
-            "use_biases": use_biases,
-            "pre_activation": pre_activation,
-            "activation_fn": activation_fn,
-            "out_activation_fn": out_activation_fn,
-        }
         self.skips = list(skips)
         layers, width = [], input_dims
         for depth, skip in zip(layer_depths, skips):
@@ -131,20 +115,9 @@ class ContextAdapter(nn.Module):
             y = layer(torch.cat([x, y], dim=-1) if skip else y)
         return y
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> "ContextAdapter":
-        """Load a `context_adapter/` folder (config.json + diffusion_pytorch_model.safetensors)."""
-        folder = Path(path)
-        config = read_config(folder)
-        try:
-            model = cls(**{k: v for k, v in config.items() if k in _CONFIG_KEYS})
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{folder}/config.json is not a valid ContextAdapter config: {exc}") from None
-        load_state_dict_checked(model, read_state_dict(find_file(folder, _WEIGHTS)), source=str(folder))
-        return (model.to(dtype) if dtype is not None else model).eval()
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_folder(path, {"_class_name": "ContextAdapter", **self.config}, self.state_dict(), _WEIGHTS[0])
+    def example_inputs(self, batch: int = 1) -> dict:
+        """x [batch, 4, input_dims]: four text tokens."""
+        return {"x": torch.randn(batch, 4, self.config["input_dims"], **self._example_factory())}
 
 
 class ExtendedContextAdapter(nn.Module):

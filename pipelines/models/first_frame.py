@@ -30,13 +30,8 @@ import torch
 from torch import nn
 
 from neodragon_cli.errors import CheckpointError
-from neodragon_cli.pipelines.models.checkpoint import read_config, save_folder
-from neodragon_cli.pipelines.models.text_encoders import (
-    load_tied_checked,
-    load_tokenizer,
-    read_folder_weights,
-    untied_state_dict,
-)
+from neodragon_cli.pipelines.models.checkpoint import load_tied_checked, read_config, save_folder, untied_state_dict
+from neodragon_cli.pipelines.models.text_encoders import load_tokenizer, read_folder_weights
 from neodragon_cli.registry import register
 
 DEFAULT_INFERENCE_PARAMS = {

@@ -21,18 +21,18 @@ frame, each over the prefix of keys that frame may see, with a key-padding mask 
 dense (L+N)^2 mask is ever built. The block structure comes from tensor shapes alone (frames per
 clip), so one pyramid stage with a fixed (padded) history traces to one static graph.
 
-Two registered layouts share the code:
+One class (`PyramidFlowMMDiT`) serves two registered layouts; the published `_class_name` sets
+`use_context_embedder` on load and is written back on save:
 
-* `mmdit/pyramid-flow` (`PyramidFlowMMDiT`): Pyramid-Flow `diffusion_transformer_{384p,768p}` folders,
-  config `_class_name` "PyramidDiffusionMMDiT"; has `context_embedder` (T5 width -> inner width).
-* `mmdit/neodragon` (`NeodragonMMDiT`): Neodragon `diffusion_transformer_320p[_multistep_t2v]`
-  folders, `_class_name` "PyramidMMDiT"; 18 blocks, no `context_embedder` (the ContextAdapter output,
+* `mmdit/pyramid-flow`: Pyramid-Flow `diffusion_transformer_{384p,768p}` folders, `_class_name`
+  "PyramidDiffusionMMDiT"; has `context_embedder` (T5 width -> inner width).
+* `mmdit/neodragon`: Neodragon `diffusion_transformer_320p[_multistep_t2v]` folders, `_class_name`
+  "PyramidMMDiT"; 18 blocks (preset "neodragon-18"), no `context_embedder` (the ContextAdapter output,
   already inner_dim wide, is fed directly).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import math
@@ -46,18 +46,10 @@ from torch.utils.checkpoint import checkpoint
 
 from neodragon_cli.errors import CheckpointError, UsageError
 from neodragon_cli.pipelines.flow.sampler import PREDICTIONS
-from neodragon_cli.pipelines.models.checkpoint import (
-    check_state_dict,
-    config_kwargs,
-    find_file,
-    read_config,
-    read_state_dict,
-    save_folder,
-)
+from neodragon_cli.pipelines.models.base import PretrainedModel
 from neodragon_cli.registry import register
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-_WEIGHTS_CANDIDATES = (WEIGHTS_NAME, "diffusion_pytorch_model.bin")
+WEIGHTS_NAME = PretrainedModel.weights_names[0]
 ROPE_THETA = 10000.0
 TIMESTEP_CHANNELS = 256
 
@@ -386,10 +378,6 @@ class PatchEmbed3D(nn.Module):
 # ------------------------------------------------------------------------------------ the model
 
 
-def _arguments(frame_locals: dict) -> dict:
-    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
-
-
 def _config_class_name(path: Path) -> str | None:
     try:
         return json.loads((Path(path) / "config.json").read_text()).get("_class_name")
@@ -397,23 +385,37 @@ def _config_class_name(path: Path) -> str | None:
         return None
 
 
-def _resolve_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise UsageError(f"unknown dtype '{dtype}'", hint="use e.g. float32, bfloat16, float16")
-    return resolved
+# what the reference's build_pyramid_dit passes on top of a Pyramid-Flow config.json
+PYRAMID_FLOW_RUNTIME_FLAGS = dict(
+    use_t5_mask=True,
+    add_temp_pos_embed=True,
+    temp_pos_embed_type="rope",
+    use_temporal_causal=True,
+    interp_condition_pos=True,
+    use_flash_attn=False,
+)
+# published `_class_name` -> the constructor arguments it implies on load (over config.json)
+PUBLISHED_CLASS_NAMES = {
+    "PyramidDiffusionMMDiT": dict(use_context_embedder=True, **PYRAMID_FLOW_RUNTIME_FLAGS),
+    "PyramidMMDiT": dict(use_context_embedder=False),
+}
 
 
+@register(
+    "mmdit",
+    "neodragon",
+    description="Neodragon pruned MMDiT (diffusion_transformer_320p folders), no context_embedder",
+    detect=lambda path: _config_class_name(path) == "PyramidMMDiT",
+)
 @register(
     "mmdit",
     "pyramid-flow",
     description="Pyramid-Flow SD3 MMDiT (diffusion_transformer_384p/768p folders), temporal-pyramid AR",
     detect=lambda path: _config_class_name(path) == "PyramidDiffusionMMDiT",
 )
-class PyramidFlowMMDiT(nn.Module):
-    """Pyramid-Flow's pyramidal MMDiT. Constructor arguments are the config.json fields.
+class PyramidFlowMMDiT(PretrainedModel):
+    """Pyramid-Flow's pyramidal MMDiT and Neodragon's pruned variant. Constructor arguments are the
+    config.json fields plus `use_context_embedder`, which the published class name carries.
 
     Defaults are the *effective* published 2B model (the 384p/768p config plus the flags the
     reference pipeline passes at load time); `PRESETS` names the real sizes. Supported layout:
@@ -424,19 +426,14 @@ class PyramidFlowMMDiT(nn.Module):
     from index int(num_layers * gradient_checkpointing_ratio) on are recomputed in backward.
     `prediction` says what the output is: "velocity" (the published models) or "clean", the stage's
     clean latent (our option; samplers and the flow loss turn it into the velocity it implies).
+    Without `use_context_embedder` (Neodragon) the text input is already inner_dim wide (the
+    ContextAdapter output); `joint_attention_dim` and `caption_projection_dim` are then unused.
     """
 
-    PUBLISHED_CLASS_NAME = "PyramidDiffusionMMDiT"
-    has_context_embedder = True
-    # what the reference's build_pyramid_dit passes on top of config.json
-    RUNTIME_FLAGS = dict(
-        use_t5_mask=True,
-        add_temp_pos_embed=True,
-        temp_pos_embed_type="rope",
-        use_temporal_causal=True,
-        interp_condition_pos=True,
-        use_flash_attn=False,
-    )
+    repeated_blocks = ("transformer_blocks",)
+    # the timestep sinusoid caps SQNR when quantized (deploy notes: run it on the host), and the
+    # output projection writes the velocity itself
+    keep_precision = ("time_text_embed", "time_text_embed.*", "proj_out")
 
     def __init__(
         self,
@@ -462,51 +459,51 @@ class PyramidFlowMMDiT(nn.Module):
         interp_condition_pos: bool = True,
         gradient_checkpointing_ratio: float = 0.6,
         prediction: str = "velocity",
+        use_context_embedder: bool = True,
     ):
         super().__init__()
-        self.config = _arguments(locals())
-        self._build(self.config)
-
-    def _build(self, cfg: dict) -> None:
-        heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
-        dim = heads * head_dim
+        dim = num_attention_heads * attention_head_dim
         problems = []
-        if cfg["pos_embed_type"] != "sincos":
-            problems.append(f"pos_embed_type '{cfg['pos_embed_type']}' (only 'sincos' works for video)")
-        if cfg["temp_pos_embed_type"] != "rope" or not cfg["add_temp_pos_embed"]:
+        if pos_embed_type != "sincos":
+            problems.append(f"pos_embed_type '{pos_embed_type}' (only 'sincos' works for video)")
+        if temp_pos_embed_type != "rope" or not add_temp_pos_embed:
             problems.append("temporal positions other than temp_pos_embed_type='rope' with add_temp_pos_embed=True")
-        if cfg["qk_norm"] != "rms_norm":
-            problems.append(f"qk_norm '{cfg['qk_norm']}'")
-        if self.has_context_embedder and cfg["caption_projection_dim"] != dim:
-            problems.append(f"caption_projection_dim {cfg['caption_projection_dim']} != heads * head_dim = {dim}")
-        if head_dim % 2:
-            problems.append(f"odd attention_head_dim {head_dim} (RoPE rotates pairs)")
-        if cfg.get("prediction", "velocity") not in PREDICTIONS:
-            problems.append(f"prediction '{cfg['prediction']}' (known: {', '.join(PREDICTIONS)})")
+        if qk_norm != "rms_norm":
+            problems.append(f"qk_norm '{qk_norm}'")
+        if use_context_embedder and caption_projection_dim != dim:
+            problems.append(f"caption_projection_dim {caption_projection_dim} != heads * head_dim = {dim}")
+        if attention_head_dim % 2:
+            problems.append(f"odd attention_head_dim {attention_head_dim} (RoPE rotates pairs)")
+        if prediction not in PREDICTIONS:
+            problems.append(f"prediction '{prediction}' (known: {', '.join(PREDICTIONS)})")
         if problems:
             raise UsageError("unsupported MMDiT config: " + "; ".join(problems))
 
-        self.inner_dim, self.head_dim = dim, head_dim
-        self.patch_size = cfg["patch_size"]
-        self.out_channels = cfg["in_channels"]
-        self.gradient_checkpointing = cfg["use_gradient_checkpointing"]
-        self.gradient_checkpointing_ratio = cfg["gradient_checkpointing_ratio"]
+        self.inner_dim, self.head_dim = dim, attention_head_dim
+        self.patch_size = patch_size
+        self.out_channels = in_channels
+        self.has_context_embedder = use_context_embedder
+        self.gradient_checkpointing = use_gradient_checkpointing
+        self.gradient_checkpointing_ratio = gradient_checkpointing_ratio
         # published key name: the patch embedding is called pos_embed (SD3 heritage)
         self.pos_embed = PatchEmbed3D(
-            cfg["in_channels"], dim, self.patch_size, cfg["pos_embed_max_size"],
-            cfg["sample_size"] // self.patch_size, cfg["interp_condition_pos"],
+            in_channels, dim, patch_size, pos_embed_max_size, sample_size // patch_size, interp_condition_pos
         )
-        self.time_text_embed = TimestepTextEmbedding(dim, cfg["pooled_projection_dim"])
-        if self.has_context_embedder:
-            self.context_embedder = nn.Linear(cfg["joint_attention_dim"], dim)
-        layers = cfg["num_layers"]
+        self.time_text_embed = TimestepTextEmbedding(dim, pooled_projection_dim)
+        if use_context_embedder:
+            self.context_embedder = nn.Linear(joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList(
-            JointTransformerBlock(dim, heads, context_pre_only=i == layers - 1, causal=cfg["use_temporal_causal"])
-            for i in range(layers)
+            JointTransformerBlock(dim, num_attention_heads, context_pre_only=i == num_layers - 1, causal=use_temporal_causal)
+            for i in range(num_layers)
         )
         self.norm_out = AdaLayerNormContinuous(dim)
-        self.proj_out = nn.Linear(dim, self.patch_size**2 * self.out_channels)
+        self.proj_out = nn.Linear(dim, patch_size**2 * in_channels)
         self.initialize_weights()
+
+    @property
+    def text_width(self) -> int:
+        """Width of `encoder_hidden_states`: T5's (Pyramid-Flow) or inner_dim (Neodragon)."""
+        return self.context_embedder.in_features if self.has_context_embedder else self.inner_dim
 
     def initialize_weights(self) -> None:
         """Training-from-scratch init: xavier-uniform linears/conv with zero bias, N(0, 0.02) for the
@@ -611,103 +608,57 @@ class PyramidFlowMMDiT(nn.Module):
                     raise UsageError(f"{where} is larger than the current clip {tuple(current)}")
             if max(current) // p > self.pos_embed.max_size:
                 raise UsageError(f"column {s}: latent {tuple(current)} exceeds the position table ({self.pos_embed.max_size} patches)")
-        width = self.context_embedder.in_features if self.has_context_embedder else self.inner_dim
-        if encoder_hidden_states.shape[-1] != width:
-            raise UsageError(f"encoder_hidden_states width {encoder_hidden_states.shape[-1]} != {width} expected by this MMDiT")
+        if encoder_hidden_states.shape[-1] != self.text_width:
+            raise UsageError(f"encoder_hidden_states width {encoder_hidden_states.shape[-1]} != {self.text_width} expected by this MMDiT")
 
-    # ---------------------------------------------------------------- checkpoints
+    # ---------------------------------------------------------------- capabilities and checkpoints
+
+    def example_inputs(self, batch: int = 1) -> dict:
+        """One column of `forward`: a 1-frame history clip and the current 1-frame clip, each
+        [batch, in_channels, 1, 2p, 2p]; 4 text tokens [batch, 4, text_width] with the last one
+        padded; pooled [batch, pooled_projection_dim]; timestep_ratio [batch] at 500."""
+        factory = self._example_factory()
+        side = 2 * self.patch_size
+        clip = lambda: torch.randn(batch, self.out_channels, 1, side, side, **factory)  # noqa: E731
+        mask = torch.ones(batch, 4, dtype=torch.long, device=factory["device"])
+        mask[:, -1] = 0
+        return dict(
+            sample=[[clip(), clip()]],
+            encoder_hidden_states=torch.randn(batch, 4, self.text_width, **factory),
+            encoder_attention_mask=mask,
+            pooled_projections=torch.randn(batch, self.config["pooled_projection_dim"], **factory),
+            timestep_ratio=torch.full((batch,), 500.0, **factory),
+        )
+
+    @property
+    def published_class_name(self) -> str:
+        return next(name for name, flags in PUBLISHED_CLASS_NAMES.items() if flags["use_context_embedder"] == self.has_context_embedder)
 
     @classmethod
-    def config_fields(cls) -> list[str]:
-        return [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    def config_from_published(cls, config: dict) -> dict:
+        """config.json, then the flags its `_class_name` implies (the reference loader's runtime
+        flags for Pyramid-Flow; no context embedder for Neodragon)."""
+        name = config.get("_class_name", "PyramidDiffusionMMDiT")
+        if name not in PUBLISHED_CLASS_NAMES:
+            raise CheckpointError(f"unknown MMDiT class name '{name}'", hint=f"known: {', '.join(PUBLISHED_CLASS_NAMES)}")
+        return {**super().config_from_published(config), **PUBLISHED_CLASS_NAMES[name]}
 
-    @classmethod
-    def from_pretrained(cls, path, *, dtype=torch.float32, **overrides):
-        """Load a published folder (config.json + diffusion_pytorch_model.safetensors).
-
-        The reference pipeline's load-time flags (`RUNTIME_FLAGS`) are applied over config.json,
-        then `overrides`. The model is built on the meta device and the weights are assigned after
-        the keys and shapes were checked, so nothing is initialised twice and a mismatching folder
-        fails as a whole. `dtype` (None keeps the stored dtype) defaults to float32.
-        """
-        folder = Path(path)
-        fields = cls.config_fields()
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise UsageError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}", hint=f"known: {', '.join(fields)}")
-        kwargs = {**config_kwargs(read_config(folder), set(fields)), **cls.RUNTIME_FLAGS, **overrides}
-        try:
-            with torch.device("meta"):
-                model = cls(**kwargs)
-        except UsageError as exc:
-            raise CheckpointError(f"{folder / 'config.json'}: {exc.message}") from None
-        weights = find_file(folder, _WEIGHTS_CANDIDATES)
-        state = read_state_dict(weights)
-        check_state_dict(model, state, source=str(weights))
-        model.load_state_dict(state, strict=True, assign=True)
-        dtype = _resolve_dtype(dtype)
-        return model.to(dtype) if dtype is not None else model
-
-    def save_pretrained(self, path) -> None:
-        """Write config.json (published `_class_name` + constructor arguments) and the safetensors."""
-        config = {"_class_name": self.PUBLISHED_CLASS_NAME, **self.config}
-        save_folder(path, config, self.state_dict(), WEIGHTS_NAME)
+    def published_config(self) -> dict:
+        """config.json: the published class name carries `use_context_embedder`."""
+        return {k: v for k, v in super().published_config().items() if k != "use_context_embedder"}
 
 
-@register(
-    "mmdit",
-    "neodragon",
-    description="Neodragon pruned MMDiT (diffusion_transformer_320p folders), no context_embedder",
-    detect=lambda path: _config_class_name(path) == "PyramidMMDiT",
-)
-class NeodragonMMDiT(PyramidFlowMMDiT):
-    """Neodragon's pruned pyramidal MMDiT: 18 blocks and no `context_embedder`; the caller feeds
-    inner_dim-wide text tokens (the ContextAdapter output). `joint_attention_dim`,
-    `caption_projection_dim`, `use_t5_mask` and `max_num_frames` are kept for config compatibility.
-    The defaults are the published ones, which already equal the reference's runtime flags."""
-
-    PUBLISHED_CLASS_NAME = "PyramidMMDiT"
-    has_context_embedder = False
-    RUNTIME_FLAGS = {}
-
-    def __init__(
-        self,
-        sample_size: int = 128,
-        patch_size: int = 2,
-        in_channels: int = 16,
-        num_layers: int = 18,
-        attention_head_dim: int = 64,
-        num_attention_heads: int = 24,
-        caption_projection_dim: int = 1536,
-        pooled_projection_dim: int = 2048,
-        pos_embed_max_size: int = 192,
-        max_num_frames: int = 200,
-        qk_norm: str = "rms_norm",
-        pos_embed_type: str = "sincos",
-        temp_pos_embed_type: str = "rope",
-        joint_attention_dim: int = 4096,
-        use_gradient_checkpointing: bool = False,
-        use_temporal_causal: bool = True,
-        use_t5_mask: bool = True,
-        add_temp_pos_embed: bool = True,
-        interp_condition_pos: bool = True,
-        gradient_checkpointing_ratio: float = 0.6,
-    ):
-        nn.Module.__init__(self)  # the parent's __init__ would record its own config
-        self.config = _arguments(locals())
-        self._build(self.config)
-
-
-# Real sizes (class, overrides of its defaults): the defaults are the published models.
-PRESETS: dict[str, tuple[type[PyramidFlowMMDiT], dict]] = {
-    "pyramid-flow-sd3-2b": (PyramidFlowMMDiT, {}),
-    "neodragon-18": (NeodragonMMDiT, {}),
+# Real sizes (overrides of the defaults, which are the published Pyramid-Flow model).
+PRESETS: dict[str, dict] = {
+    "pyramid-flow-sd3-2b": {},
+    "neodragon-18": dict(num_layers=18, use_context_embedder=False),
 }
 
 
 def mmdit_from_preset(name: str, **overrides) -> PyramidFlowMMDiT:
     """A freshly initialised model of a named size (wrap in `torch.device("meta")` to skip memory)."""
     if name not in PRESETS:
-        raise UsageError(f"unknown MMDiT preset '{name}'", hint=f"known: {', '.join(PRESETS)}")
-    cls, kwargs = PRESETS[name]
-    return cls(**{**kwargs, **overrides})
+        from neodragon_cli.registry import did_you_mean
+
+        raise UsageError(f"unknown MMDiT preset '{name}'", hint=f"{did_you_mean(name, list(PRESETS))}known: {', '.join(PRESETS)}")
+    return PyramidFlowMMDiT(**{**PRESETS[name], **overrides})

@@ -23,28 +23,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from neodragon_cli.errors import CheckpointError, UsageError
-from neodragon_cli.pipelines.models.checkpoint import (
-    find_file,
-    load_state_dict_checked,
-    read_config,
-    read_state_dict,
-    save_folder,
-)
+from neodragon_cli.pipelines.models.base import Checkpoint, PretrainedModel
+from neodragon_cli.pipelines.models.checkpoint import read_state_dict
 from neodragon_cli.registry import register
 
 SCALES = (2, 3, 4)
+RGB = dict(in_channels=3, out_channels=3)
 VARIANTS = {
-    "small": dict(num_channels=32, num_intermediate_layers=2, use_ito_connection=False),
-    "medium": dict(num_channels=32, num_intermediate_layers=5, use_ito_connection=False),
-    "large": dict(num_channels=64, num_intermediate_layers=11, use_ito_connection=True),
+    "small": dict(num_channels=32, num_intermediate_layers=2, use_ito_connection=False, **RGB),
+    "medium": dict(num_channels=32, num_intermediate_layers=5, use_ito_connection=False, **RGB),
+    "large": dict(num_channels=64, num_intermediate_layers=11, use_ito_connection=True, **RGB),
 }
-_WEIGHTS = ("model.safetensors",)
-_CONFIG_KEYS = ("scaling_factor", "num_channels", "num_intermediate_layers", "use_ito_connection", "in_channels", "out_channels")
 
 
 class RepeatAnchor(nn.Module):
@@ -66,8 +61,15 @@ class RepeatAnchor(nn.Module):
         return self.net(x)
 
 
-class QuickSRNet(nn.Module):
-    """QuickSRNet at an integer scale (2, 3 or 4); see the module docstring."""
+class QuickSRNet(PretrainedModel):
+    """QuickSRNet at an integer scale (2, 3 or 4); see the module docstring.
+
+    A folder written by `save_pretrained` holds config.json + model.safetensors; `save_published`
+    writes the aimet-model-zoo torch file, whose config `from_pretrained` reads from the tensor shapes."""
+
+    weights_names = ("model.safetensors",)
+    repeated_blocks = ()  # cnn interleaves convs and activations in one Sequential
+    keep_precision = ()
 
     def __init__(
         self,
@@ -84,14 +86,7 @@ class QuickSRNet(nn.Module):
             raise UsageError(f"QuickSRNet scale {scaling_factor} is not supported", hint=f"use one of {scales}")
         if use_ito_connection and in_channels != out_channels:
             raise UsageError("the input-to-output connection needs in_channels == out_channels")
-        self.config = {
-            "scaling_factor": scaling_factor,
-            "num_channels": num_channels,
-            "num_intermediate_layers": num_intermediate_layers,
-            "use_ito_connection": use_ito_connection,
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-        }
+        self.in_channels = in_channels
         self.scaling_factor = scaling_factor
         layers: list[nn.Module] = [nn.Conv2d(in_channels, num_channels, 3, padding=1), nn.Hardtanh(0.0, 1.0)]
         for _ in range(num_intermediate_layers):
@@ -122,30 +117,18 @@ class QuickSRNet(nn.Module):
             y = y + self.anchor(x)
         return self.depth_to_space(y.clamp(0.0, 1.0))
 
+    def example_inputs(self, batch: int = 1) -> dict:
+        """x [batch, in_channels, 8, 8] in [0, 1]."""
+        return {"x": torch.rand(batch, self.in_channels, 8, 8, **self._example_factory())}
+
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> "QuickSRNet":
-        """Load a published `.pth.tar` (or any torch / safetensors file of the same keys), the config read
-        from the tensor shapes; or a folder written by `save_pretrained` (config.json + model.safetensors)."""
-        path = Path(path)
+    def read_checkpoint(cls, path: Path) -> Checkpoint:
+        """A published `.pth.tar` (or any torch / safetensors file of the same keys), the config read
+        from the tensor shapes; or a folder written by `save_pretrained`."""
         if path.is_dir():
-            config = read_config(path)
-            state = read_state_dict(find_file(path, _WEIGHTS))
-        else:
-            state = _flat_state(read_state_dict(path), path)
-            config = config_from_state(state, str(path))
-        model = cls._build(config, str(path))
-        load_state_dict_checked(model, state, source=str(path))
-        return (model.to(dtype) if dtype is not None else model).eval()
-
-    @classmethod
-    def _build(cls, config: dict, source: str) -> "QuickSRNet":
-        try:
-            return cls(**{k: v for k, v in config.items() if k in _CONFIG_KEYS})
-        except (TypeError, UsageError) as exc:
-            raise CheckpointError(f"{source}: not a valid QuickSRNet config ({exc})") from None
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_folder(path, {"_class_name": type(self).__name__, **self.config}, self.state_dict(), _WEIGHTS[0])
+            return super().read_checkpoint(path)
+        state = read_state_dict(path)
+        return Checkpoint(config_from_state(state, str(path)), state, str(path))
 
     def save_published(self, path: str | Path) -> None:
         """Write the aimet-model-zoo layout: a torch file holding {"state_dict": ...}."""
@@ -153,13 +136,6 @@ class QuickSRNet(nn.Module):
 
         with atomic_path(path) as tmp:
             torch.save({"state_dict": {k: v.detach().contiguous() for k, v in self.state_dict().items()}}, tmp)
-
-
-def _flat_state(obj, path: Path) -> dict[str, torch.Tensor]:
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors (or {{'state_dict': ...}})")
-    return state
 
 
 def config_from_state(state: dict[str, torch.Tensor], source: str) -> dict:
@@ -192,17 +168,17 @@ def _variant_detector(variant: str):
 
 
 class _QuickSRNetVariant(QuickSRNet):
-    """A QuickSRNet with the variant's widths fixed (`preset`); only the scale is free."""
+    """A QuickSRNet with the variant's widths fixed (`preset`); only the scale is free (its config),
+    so other widths in a checkpoint show up as key / shape mismatches. config.json still lists the
+    widths, as the generic class reads them."""
 
-    preset: dict = {}
+    preset: ClassVar[dict]
 
     def __init__(self, scaling_factor: int = 2):
         super().__init__(scaling_factor=scaling_factor, **self.preset)
 
-    @classmethod
-    def _build(cls, config: dict, source: str) -> QuickSRNet:
-        # Only the scale is taken from the checkpoint: other widths show up as key / shape mismatches.
-        return super()._build({"scaling_factor": config.get("scaling_factor")}, source)
+    def published_config(self) -> dict:
+        return {"_class_name": type(self).__name__, **self.preset, **self.config}
 
 
 @register("sr", "quicksrnet-small", description="QuickSRNet-Small (32 ch, 2 layers; 2x/3x/4x)", detect=_variant_detector("small"))

@@ -34,13 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from neodragon_cli.errors import CheckpointError, UsageError
-from neodragon_cli.pipelines.models.checkpoint import (
-    find_file,
-    load_state_dict_checked,
-    read_config,
-    read_state_dict,
-    save_folder,
-)
+from neodragon_cli.pipelines.models.base import Checkpoint, PretrainedModel
+from neodragon_cli.pipelines.models.checkpoint import find_file, read_config, read_state_dict
 from neodragon_cli.registry import register
 
 ENCODER_WIDTH = 64
@@ -281,7 +276,7 @@ def _looks_like_taehv(path: Path) -> bool:
 @register(
     "vae", "taehv", description="TAEHV tiny video autoencoder (taehv.pth layout; 4x temporal, 8x spatial)", detect=_looks_like_taehv
 )
-class TAEHV(nn.Module):
+class TAEHV(PretrainedModel):
     """Original TAEHV encoder + decoder (keys `encoder.{i}.*`, `decoder.{i}.*`).
 
     encode: video [B, 3, T, H, W] in [-1, 1] -> latents [B, C, ceil(T/4), H/8, W/8] (the clip is padded at
@@ -291,6 +286,10 @@ class TAEHV(nn.Module):
     """
 
     latent_norm = None  # TAEHV works in the target model's raw latent space
+    weights_names = WEIGHT_FILES
+    published_class_name = "TAEHV"
+    repeated_blocks = ()  # one Sequential of mixed layers per side
+    keep_precision = ()
 
     def __init__(
         self,
@@ -301,13 +300,6 @@ class TAEHV(nn.Module):
         decoder_space_upscale: tuple[bool, bool, bool] = (True, True, True),
     ):
         super().__init__()
-        self.config = {
-            "latent_channels": latent_channels,
-            "patch_size": patch_size,
-            "encoder_time_downscale": list(encoder_time_downscale),
-            "decoder_time_upscale": list(decoder_time_upscale),
-            "decoder_space_upscale": list(decoder_space_upscale),
-        }
         self.patch_size = patch_size
         self.encoder = build_encoder(latent_channels, patch_size, tuple(encoder_time_downscale))
         self.decoder = build_decoder(
@@ -316,6 +308,25 @@ class TAEHV(nn.Module):
         self.temporal_downscale = time_factor(self.encoder, TPool)
         self.temporal_upscale = time_factor(self.decoder, TGrow)
         self.frames_to_trim = self.temporal_upscale - 1
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config["latent_channels"]
+
+    @property
+    def temporal_compression(self) -> int:
+        """Frames per latent frame of the encoder."""
+        return self.temporal_downscale
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent pixel: the patch, then three stride-2 convs."""
+        return self.patch_size * 8
+
+    def example_inputs(self, batch: int = 1) -> dict:
+        """video [batch, 3, 2 * temporal_compression, 2 * spatial_compression (H and W)]: two latent frames of 2x2."""
+        side = 2 * self.spatial_compression
+        return {"video": torch.rand(batch, 3, 2 * self.temporal_compression, side, side, **self._example_factory()) * 2 - 1}
 
     # -- frame counts
     def latent_frames(self, num_frames: int) -> int:
@@ -365,23 +376,15 @@ class TAEHV(nn.Module):
         return self.decode(self.encode(video))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> "TAEHV":
-        """Load `taehv.pth` (torch file, read with weights_only=True) or `*.safetensors`, the config
+    def read_checkpoint(cls, path: Path) -> Checkpoint:
+        """`taehv.pth` (torch file, read with weights_only=True) or `*.safetensors`, the config
         inferred from the tensor shapes; or a folder with one of WEIGHT_FILES and, as written by
-        `save_pretrained`, a config.json. Keyword arguments override config entries."""
-        path = Path(path)
+        `save_pretrained`, a config.json."""
         weights = find_file(path, WEIGHT_FILES) if path.is_dir() else path
         state = read_state_dict(weights)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{weights} does not hold a flat state dict of tensors")
         has_config = path.is_dir() and (path / "config.json").is_file()
         config = read_config(path) if has_config else _taehv_config_from_state(state, str(weights))
-        allowed = ("latent_channels", "patch_size", "encoder_time_downscale", "decoder_time_upscale", "decoder_space_upscale")
-        model = cls(**{k: v for k, v in {**config, **overrides}.items() if k in allowed})
-        return load_state_dict_checked(model, state, source=str(path))
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_folder(path, {"_class_name": "TAEHV", **self.config}, self.state_dict(), "taehv.safetensors")
+        return Checkpoint(config, state, str(path))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,7 +410,18 @@ class TAEHVDecoder(nn.Module):
         super().__init__()
         self.blocks = build_decoder(latent_channels, 3, tuple(num_features), tuple(time_upscale), tuple(space_upscale))
         self.temporal_upscale = time_factor(self.blocks, TGrow)
+        self.spatial_upscale = 2 ** sum(space_upscale)
         self.frames_to_trim = self.temporal_upscale - 1
+
+    @property
+    def temporal_compression(self) -> int:
+        """Frames per latent frame."""
+        return self.temporal_upscale
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent pixel in H and W."""
+        return self.spatial_upscale
 
     def forward(self, latents: torch.Tensor, *, parallel: bool = True) -> torch.Tensor:
         return run_stack(self.blocks, latents, parallel=parallel, skip=self.frames_to_trim)

@@ -37,7 +37,8 @@ from torch import nn
 
 from neodragon_cli.atomic import write_json
 from neodragon_cli.errors import CheckpointError
-from neodragon_cli.pipelines.models.checkpoint import check_state_dict, read_config, read_state_dict, save_folder
+from neodragon_cli.pipelines.models.base import Checkpoint, PretrainedModel
+from neodragon_cli.pipelines.models.checkpoint import read_config, read_state_dict
 from neodragon_cli.registry import register
 
 if TYPE_CHECKING:
@@ -159,69 +160,39 @@ def read_folder_weights(folder: str | Path, stem: str = "model") -> dict[str, to
     )
 
 
-def _tied_aliases(module: nn.Module) -> dict[str, str]:
-    """{duplicate name: first name} for parameters registered under several names (tied embeddings)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
-
-
-def load_tied_checked(module: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> nn.Module:
-    """Checked strict load that accepts a tied tensor stored under either of its names (published
-    files store it once, e.g. T5's `shared.weight` without `encoder.embed_tokens.weight`)."""
-    state = dict(state)
-    for dup, src in _tied_aliases(module).items():
-        if dup not in state and src in state:
-            state[dup] = state[src]
-        elif src not in state and dup in state:
-            state[src] = state[dup]
-    check_state_dict(module, state, source=source)
-    module.load_state_dict(state, strict=True)
-    return module
-
-
-def untied_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tied tensor stored once (under its first name), as published files are."""
-    aliases = _tied_aliases(module)
-    return {k: v for k, v in module.state_dict().items() if k not in aliases}
-
-
 # ---------------------------------------------------------------------------------------------------
 # models
 
 
-class _TransformersTextModel(nn.Module):
+class _TransformersTextModel(PretrainedModel):
     """Local-folder loading and saving shared by the transformers-backed encoders.
 
-    A subclass builds its networks in `__init__(config, ...)` and names the submodule whose state dict
-    is the published file (`_checkpoint_module`) and the config.json it writes (`_checkpoint_config`).
+    The config is the transformers config (`config`, recorded as its `to_dict()`); config.json is that
+    config plus `architectures` (`published_config`), and a subclass names its transformers config
+    class and the submodule whose state dict is the published weight file (`published_module`).
+    Weights may be single, sharded, fp16-only or legacy `.bin`.
+    Text encoders stay in float when quantizing (DistilT5 runs FP16 on the phone, deploy notes).
     """
 
-    @classmethod
-    def _from_config_dict(cls, config: dict) -> "_TransformersTextModel":
-        return cls(config)
-
-    def _checkpoint_module(self) -> nn.Module:
-        raise NotImplementedError
-
-    def _checkpoint_config(self) -> dict:
-        raise NotImplementedError
+    weights_names = ("model.safetensors",)
+    keep_precision = ("*",)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None):
-        """Load a local folder (config.json + weights); mismatching keys or shapes raise CheckpointError."""
-        folder = Path(path)
-        model = cls._from_config_dict(read_config(folder))
-        load_tied_checked(model._checkpoint_module(), read_folder_weights(folder), source=str(folder))
-        return (model.to(dtype) if dtype is not None else model).eval()
+    def read_checkpoint(cls, path: Path) -> Checkpoint:
+        return Checkpoint(read_config(path), read_folder_weights(path), str(path))
 
-    def save_pretrained(self, path: str | Path) -> None:
-        save_folder(path, self._checkpoint_config(), untied_state_dict(self._checkpoint_module()), "model.safetensors")
+    @classmethod
+    def config_from_published(cls, config: dict) -> dict:
+        fields = {k: v for k, v in config.items() if k != "architectures"}
+        return {"config": cls.transformers_config_class()(**fields)}
+
+    @staticmethod
+    def transformers_config_class() -> type:
+        raise NotImplementedError
+
+    def _example_ids(self, batch: int, vocab_size: int) -> torch.Tensor:
+        """[batch, 8] int64 token ids drawn from the vocabulary."""
+        return torch.randint(0, vocab_size, (batch, 8), device=self._example_factory()["device"])
 
 
 def _config_json(path: Path) -> dict | None:
@@ -259,6 +230,8 @@ class T5TextEncoder(_TransformersTextModel):
     """T5 encoder stack. forward(input_ids [B, L] int64, attention_mask [B, L] (1 = token, 0 = pad))
     -> last hidden state [B, L, d_model] (after the final RMS layer norm), float."""
 
+    repeated_blocks = ("encoder.encoder.block",)
+
     def __init__(self, config: T5Config | dict):
         from transformers import T5Config, T5EncoderModel
 
@@ -266,15 +239,28 @@ class T5TextEncoder(_TransformersTextModel):
         config = config if isinstance(config, T5Config) else T5Config(**config)
         self.encoder = T5EncoderModel(config)
 
+    @staticmethod
+    def transformers_config_class() -> type:
+        from transformers import T5Config
+
+        return T5Config
+
     @property
     def output_dim(self) -> int:
         return self.encoder.config.d_model
 
-    def _checkpoint_module(self) -> nn.Module:
+    def published_module(self) -> nn.Module:
         return self.encoder
 
-    def _checkpoint_config(self) -> dict:
+    def published_config(self) -> dict:
         return {**self.encoder.config.to_dict(), "architectures": ["T5EncoderModel"]}
+
+    def example_inputs(self, batch: int = 1) -> dict:
+        """input_ids [batch, 8] int64, attention_mask [batch, 8] with the last token padded."""
+        ids = self._example_ids(batch, self.encoder.config.vocab_size)
+        mask = torch.ones_like(ids)
+        mask[:, -1] = 0
+        return {"input_ids": ids, "attention_mask": mask}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -302,7 +288,7 @@ class DistilT5(T5TextEncoder):
         )
 
     @classmethod
-    def _from_config_dict(cls, config: dict) -> "DistilT5":
+    def config_from_published(cls, config: dict) -> dict:
         config = dict(config)
         # The published config class reads the head width from `out_dim` (default 4096) and ignores
         # `project_out_dim`; DistillT5's own config.json only has `project_out_dim`. Honour both.
@@ -311,16 +297,16 @@ class DistilT5(T5TextEncoder):
         project_in = config.pop("project_in_dim", None)
         if project_in is not None and project_in != config.get("d_model"):
             raise CheckpointError(f"DistilT5 config: project_in_dim {project_in} differs from d_model {config.get('d_model')}")
-        return cls(config, project_out_dim=int(out_dim or project_out or 4096))
+        return {**super().config_from_published(config), "project_out_dim": int(out_dim or project_out or 4096)}
 
     @property
     def output_dim(self) -> int:
         return self.project_out_dim
 
-    def _checkpoint_module(self) -> nn.Module:
+    def published_module(self) -> nn.Module:
         return self
 
-    def _checkpoint_config(self) -> dict:
+    def published_config(self) -> dict:
         width = self.project_out_dim
         return {
             **self.encoder.config.to_dict(),
@@ -340,12 +326,20 @@ class CLIPTextEncoder(_TransformersTextModel):
     the final-layer-normed hidden state at each row's first end-of-text token, projected. Causal
     attention, no padding mask (as the bundle calls it)."""
 
+    repeated_blocks = ("model.text_model.encoder.layers",)
+
     def __init__(self, config: CLIPTextConfig | dict):
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         super().__init__()
         config = config if isinstance(config, CLIPTextConfig) else CLIPTextConfig(**config)
         self.model = CLIPTextModelWithProjection(config)
+
+    @staticmethod
+    def transformers_config_class() -> type:
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig
 
     @property
     def output_dim(self) -> int:
@@ -355,11 +349,17 @@ class CLIPTextEncoder(_TransformersTextModel):
     def max_positions(self) -> int:
         return self.model.config.max_position_embeddings
 
-    def _checkpoint_module(self) -> nn.Module:
+    def published_module(self) -> nn.Module:
         return self.model
 
-    def _checkpoint_config(self) -> dict:
+    def published_config(self) -> dict:
         return {**self.model.config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]}
+
+    def example_inputs(self, batch: int = 1) -> dict:
+        """input_ids [batch, 8] int64 ending with the end-of-text token (where the pooled output is read)."""
+        ids = self._example_ids(batch, self.model.config.vocab_size)
+        ids[:, -1] = self.model.config.eos_token_id
+        return {"input_ids": ids}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).text_embeds
@@ -464,10 +464,10 @@ def _looks_like_bundle(path: Path) -> bool:
     return path.is_dir() and (path / "text_encoder_3" / "config.json").is_file() and (path / "tokenizer_3").is_dir()
 
 
-def _load_t5_side(folder: Path) -> T5TextEncoder:
+def _load_t5_side(folder: Path, dtype: torch.dtype | str | None) -> T5TextEncoder:
     if not _looks_like_t5(folder) and not _looks_like_distil_t5(folder):
         raise CheckpointError(f"{folder} is not a T5 encoder folder (config.json model_type must be 't5')")
-    return (DistilT5 if _looks_like_distil_t5(folder) else T5TextEncoder).from_pretrained(folder)
+    return (DistilT5 if _looks_like_distil_t5(folder) else T5TextEncoder).from_pretrained(folder, dtype)
 
 
 _CLIP_FOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
@@ -547,10 +547,11 @@ class TextEncoderBundle(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype | None = None, max_length: int = T5_MAX_LENGTH
+        cls, path: str | Path, dtype: torch.dtype | str | None = None, *, max_length: int = T5_MAX_LENGTH
     ) -> "TextEncoderBundle":
         """Load `tokenizer_3/` + `text_encoder_3/` (T5 or DistilT5) and the CLIP pairs present
-        (`tokenizer/` + `text_encoder/`, `tokenizer_2/` + `text_encoder_2/`)."""
+        (`tokenizer/` + `text_encoder/`, `tokenizer_2/` + `text_encoder_2/`), each encoder in `dtype`.
+        A composite of tokenizers and encoders, not a PretrainedModel: each encoder is one."""
         root = Path(path)
         if not _looks_like_bundle(root):
             raise CheckpointError(
@@ -560,10 +561,9 @@ class TextEncoderBundle(nn.Module):
         for tok_name, enc_name in _CLIP_FOLDERS:
             if (root / enc_name).is_dir():
                 clip_tokenizers.append(load_tokenizer(root / tok_name))
-                clip_encoders.append(CLIPTextEncoder.from_pretrained(root / enc_name))
-        t5_tokenizer, t5_encoder = load_tokenizer(root / "tokenizer_3"), _load_t5_side(root / "text_encoder_3")
-        bundle = cls(t5_tokenizer, t5_encoder, clip_tokenizers, clip_encoders, max_length)
-        return (bundle.to(dtype) if dtype is not None else bundle).eval()
+                clip_encoders.append(CLIPTextEncoder.from_pretrained(root / enc_name, dtype))
+        t5_tokenizer, t5_encoder = load_tokenizer(root / "tokenizer_3"), _load_t5_side(root / "text_encoder_3", dtype)
+        return cls(t5_tokenizer, t5_encoder, clip_tokenizers, clip_encoders, max_length).eval()
 
     def save_pretrained(self, path: str | Path) -> None:
         root = Path(path)

@@ -13,7 +13,6 @@ from neodragon_cli.pipelines.flow.sampler import prediction_type
 from neodragon_cli.pipelines.models.mmdit import (
     PRESETS,
     WEIGHTS_NAME,
-    NeodragonMMDiT,
     PyramidFlowMMDiT,
     joint_attention,
     joint_attention_mask,
@@ -31,6 +30,7 @@ TINY = dict(
     pos_embed_max_size=16,
     joint_attention_dim=20,
 )
+NEODRAGON = dict(TINY, use_context_embedder=False)
 
 
 def _randomised(model, seed=0):
@@ -79,8 +79,11 @@ def test_real_sizes_on_meta(preset, params, block, last_block):
     assert model.pos_embed.pos_embed.is_meta
 
 
-def test_preset_classes_and_unknown_preset():
-    assert PRESETS["neodragon-18"][0] is NeodragonMMDiT
+def test_presets_and_unknown_preset():
+    with torch.device("meta"):
+        assert not mmdit_from_preset("neodragon-18").has_context_embedder
+        assert mmdit_from_preset("pyramid-flow-sd3-2b", num_layers=2).has_context_embedder
+    assert set(PRESETS) == {"pyramid-flow-sd3-2b", "neodragon-18"}
     with pytest.raises(UsageError, match="did you mean|known"):
         mmdit_from_preset("pyramid-flow-3b")
 
@@ -135,17 +138,19 @@ def test_history_never_sees_the_current_clip():
 # ---------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("cls, name, text_width", [(PyramidFlowMMDiT, "pyramid-flow", 20), (NeodragonMMDiT, "neodragon", 16)])
-def test_save_load_round_trip(tmp_path, cls, name, text_width):
-    model = _randomised(cls(**TINY))
+@pytest.mark.parametrize(
+    "config, name, class_name, text_width",
+    [(TINY, "pyramid-flow", "PyramidDiffusionMMDiT", 20), (NEODRAGON, "neodragon", "PyramidMMDiT", 16)],
+)
+def test_save_load_round_trip(tmp_path, config, name, class_name, text_width):
+    model = _randomised(PyramidFlowMMDiT(**config))
     model.save_pretrained(tmp_path / "ckpt")
-    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["_class_name"] == cls.PUBLISHED_CLASS_NAME
-    assert set(config) - {"_class_name"} == set(cls.config_fields())
+    written = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert written["_class_name"] == class_name  # the class name carries use_context_embedder
+    assert set(written) == {"_class_name"} | set(PyramidFlowMMDiT.config_fields()) - {"use_context_embedder"}
 
     loaded = neodragon_cli.load_component("mmdit", tmp_path / "ckpt")  # auto-detect
-    assert type(loaded) is cls
-    assert loaded.config == model.config
+    assert loaded.config == model.config and loaded.has_context_embedder == model.has_context_embedder
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     inputs = _inputs(model, text_width)
@@ -180,9 +185,9 @@ def test_mismatching_checkpoint_fails_naming_the_key(tmp_path, edit, named):
 
 
 def test_layout_mismatch_between_variants(tmp_path):
-    NeodragonMMDiT(**TINY).save_pretrained(tmp_path / "nd")
+    PyramidFlowMMDiT(**NEODRAGON).save_pretrained(tmp_path / "nd")
     with pytest.raises(CheckpointError, match="missing keys: context_embedder.weight"):
-        PyramidFlowMMDiT.from_pretrained(tmp_path / "nd")
+        PyramidFlowMMDiT.from_pretrained(tmp_path / "nd", use_context_embedder=True)
 
 
 def test_runtime_flags_override_config_and_user_overrides_win(tmp_path):
@@ -217,7 +222,7 @@ def test_prediction_is_saved_with_the_weights_and_published_configs_predict_velo
     del config["prediction"]  # the published config.json has no such field
     config_path.write_text(json.dumps(config))
     assert prediction_type(PyramidFlowMMDiT.from_pretrained(tmp_path / "published")) == "velocity"
-    assert prediction_type(NeodragonMMDiT(**TINY)) == "velocity"
+    assert prediction_type(PyramidFlowMMDiT(**NEODRAGON)) == "velocity"
     with pytest.raises(UsageError, match="prediction 'noise'"):
         PyramidFlowMMDiT(**TINY, prediction="noise")
 
@@ -260,13 +265,13 @@ def test_training_init_and_gradient_checkpointing():
 def test_caption_projection_dim_only_matters_with_a_context_embedder():
     with pytest.raises(UsageError, match="caption_projection_dim 24"):
         PyramidFlowMMDiT(**{**TINY, "caption_projection_dim": 24})
-    NeodragonMMDiT(**{**TINY, "caption_projection_dim": 24})  # kept in the config, unused
+    PyramidFlowMMDiT(**{**NEODRAGON, "caption_projection_dim": 24})  # kept in the config, unused
 
 
 def test_one_stage_exports_to_a_static_graph():
     """The text mask is a graph input and the block structure comes from shapes alone, so
     torch.export captures one pyramid stage (fixed history) without data-dependent branches."""
-    model = _randomised(NeodragonMMDiT(**TINY))
+    model = _randomised(PyramidFlowMMDiT(**NEODRAGON))
 
     class Stage(torch.nn.Module):
         def __init__(self):
