@@ -6,11 +6,11 @@ pixels in [-1, 1], so inputs and outputs are converted here."""
 
 from __future__ import annotations
 
-import json
+import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from golden_case import case
 
 import neodragon_cli
 from neodragon_cli.pipelines.models.taehv import TAEHV
@@ -21,10 +21,10 @@ pytestmark = pytest.mark.golden
 @pytest.fixture
 def taehv_case(golden_dir):
     folder = golden_dir / "taehv"
-    meta = json.loads((folder / "case.json").read_text())
+    meta, tensors = case(folder)
     assert isinstance(neodragon_cli.load_component("vae", folder), TAEHV)  # the folder holding taehv.pth also loads
     model = neodragon_cli.load_component("vae", folder / meta["checkpoint"]["file"])
-    return meta, load_file(str(folder / "case.safetensors")), model
+    return meta, tensors, model
 
 
 def _video_in(ntchw01: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_taehv_checkpoint_detected_and_layout(taehv_case):
     meta, _, model = taehv_case
     assert isinstance(model, TAEHV)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert shapes == meta["state_dict_shapes"]
+    assert shapes == meta["state_dict_shapes"] and len(shapes) == meta["checkpoint"]["num_tensors"]
     assert sum(p.numel() for p in model.parameters()) == meta["checkpoint"]["num_params"]
     assert (model.temporal_downscale, model.temporal_upscale, model.frames_to_trim) == (
         meta["model"]["t_downscale"], meta["model"]["t_upscale"], meta["model"]["frames_to_trim"],
@@ -68,26 +68,55 @@ def test_taehv_decode(taehv_case, parallel):
     _close(_video_out(video), t["decode/frames_parallel" if parallel else "decode/frames_sequential"], meta, "frames")
 
 
-def test_taehv_streaming_matches_reference_events(taehv_case):
-    meta, t, model = taehv_case
-    video = _video_in(t["encode/video"])
+def _expected_arrivals(events, prefix, flush, total):
+    """{inputs consumed: outputs produced} from the reference's streaming event log: 'encode(frame i) ->
+    latent' / 'decode(latent i) -> n frames' happen once input i was consumed, a flush after all."""
+    arrivals = {}
+    for event in events:
+        step = re.fullmatch(rf"{prefix}\((?:frame|latent) (\d+)\) -> (None|latent|(\d+) \w+)", event)
+        done = re.fullmatch(rf"{flush}\(\) -> (\d+) \w+", event)
+        if step and step.group(2) != "None":
+            count = 1 if step.group(2) == "latent" else int(step.group(3))
+            consumed = int(step.group(1)) + 1
+        elif done:
+            count, consumed = int(done.group(1)), total
+        else:
+            assert step or not event.startswith((prefix, flush)), f"unreadable event {event!r}"
+            continue
+        if count:
+            arrivals[consumed] = arrivals.get(consumed, 0) + count
+    return arrivals
+
+
+def _stream(generator_of, chunks):
+    """Run a streaming generator over `chunks` (split on time), recording outputs per chunks consumed."""
     consumed = 0
 
-    def frames():
+    def feed():
         nonlocal consumed
-        for frame in video.split(1, dim=2):
+        for chunk in chunks:
             consumed += 1
-            yield frame
+            yield chunk
 
+    outputs, arrivals = [], {}
+    for out in generator_of(feed()):
+        outputs.append(out)
+        arrivals[consumed] = arrivals.get(consumed, 0) + out.shape[2]
+    return outputs, arrivals
+
+
+def test_taehv_streaming_matches_reference_events(taehv_case):
+    meta, t, model = taehv_case
+    events = meta["case_meta"]["stream"]["events"]
+    video = _video_in(t["encode/video"])
+    latents_in = t["decode/latents"].transpose(1, 2)
     with torch.no_grad():
-        latents, arrivals = [], []
-        for z in model.stream_encode(frames()):
-            latents.append(z)
-            arrivals.append(consumed)
-        # reference log: a latent after frames 3 and 7 (0-based), the last one from flush_encoder()
-        assert arrivals == [4, 8, 9] and all(z.shape[2] == 1 for z in latents)
+        latents, arrivals = _stream(model.stream_encode, video.split(1, dim=2))
+        assert arrivals == _expected_arrivals(events, "encode", "flush_encoder", video.shape[2])
+        assert sum(arrivals.values()) == meta["case_meta"]["stream"]["num_latents"]
         _close(torch.cat(latents, dim=2).transpose(1, 2), t["stream/latents"], meta, "streamed latents")
 
-        decoded = list(model.stream_decode(t["decode/latents"].transpose(1, 2).split(1, dim=2)))
-    assert [f.shape[2] for f in decoded] == [1, 4, 4]  # decode(latent i) -> 1, 4, 4 frames
+        decoded, arrivals = _stream(model.stream_decode, latents_in.split(1, dim=2))
+    assert arrivals == _expected_arrivals(events, "decode", "flush_decoder", latents_in.shape[2])
+    assert sum(arrivals.values()) == meta["case_meta"]["stream"]["num_frames"]
     _close(_video_out(torch.cat(decoded, dim=2)), t["stream/frames"], meta, "streamed frames")
