@@ -3,13 +3,15 @@
 `torchrun --nproc_per_node N` sets RANK / WORLD_SIZE / LOCAL_RANK; `setup()` reads them and starts
 the default process group (nccl when CUDA is available, gloo on CPU). Without those variables
 everything works as one process with rank 0 of a world of 1, so the same training code runs either way.
+Commands run inside `process_group()`, which tears the group down however the block ends.
 """
 
 from __future__ import annotations
 
 import gc
-
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,16 +54,36 @@ def setup(device: str | torch.device | None = None) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def teardown() -> None:
-    """Destroy the default process group, if one was started (call once, when training is over)."""
+def teardown(*, wait: bool = True) -> None:
+    """Destroy the default process group, if one was started (call once, when training is over).
+
+    `wait` first waits for every rank; pass False when leaving on an error, which the other ranks
+    may never reach."""
     if dist.is_initialized():
         # Free finished collectives' work objects (and the tensors they hold) while the interpreter is
         # fully alive: gloo threads releasing them during interpreter shutdown abort the process
         # ("terminate called without an active exception") or hang it.
         gc.collect()
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
         gc.collect()
+
+
+@contextmanager
+def process_group(device: str | torch.device | None = None) -> Iterator[DistEnv]:
+    """`setup(device)` for the block, and the process group it starts destroyed when the block ends,
+    normally or by an exception (a group that was already running is left to its owner)."""
+    owner = not dist.is_initialized()
+    env = setup(device)
+    try:
+        yield env
+    except BaseException:
+        if owner:
+            teardown(wait=False)
+        raise
+    if owner:
+        teardown()
 
 
 def barrier() -> None:

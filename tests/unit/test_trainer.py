@@ -60,7 +60,7 @@ def _metrics(out: Path) -> list[dict]:
 def _assert_same_run(reference: Path, resumed: Path):
     ref, res = _checkpoint(reference), _checkpoint(resumed)
     assert ref["step"] == res["step"] == FULL["max_steps"]
-    for part in ("model", "optimizer", "ema"):
+    for part in ("models", "optimizers", "ema"):
         _assert_tree_equal(ref[part], res[part], part)
     ref_lines, res_lines = _metrics(reference), _metrics(resumed)
     assert [m["step"] for m in res_lines] == list(range(1, FULL["max_steps"] + 1))
