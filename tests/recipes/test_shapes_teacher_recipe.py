@@ -31,7 +31,7 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     ]))
     norm = json.loads((vae_out / "latent_norm.json").read_text())
     assert set(norm) == {"image_shift", "image_scale", "video_shift", "video_scale"}
-    assert read_state(vae_out)["optimisations"][0]["optimisation"] == "train-vae"
+    assert read_state(vae_out)["operations"][0]["operation"] == "train-vae"
     assert len((vae_out / "metrics.jsonl").read_text().splitlines()) == 2
 
     # stage 1b: fine-tune on whole clips from the stage-1 weights; reconstructions are judged
@@ -41,14 +41,14 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
         "data.crop=32", "data.clip_frames=9", "data.norm_videos=2", "data.judge_videos=2", "data.readout_videos=24",
         "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4", f"model.init={vae_out}", "loss.linear_colour=1",
     ]))
-    state = read_state(long_out)
-    assert state["parent"]["path"] == str(vae_out)
-    reconstruction = state["optimisations"][-1]["reconstruction"]
+    operation = read_state(long_out)["operations"][-1]
+    assert operation["parent"]["path"] == str(vae_out)
+    reconstruction = operation["results"]["reconstruction"]
     assert {"semantic", "quality", "psnr", "count", "colour", "shape"} <= set(reconstruction)
     assert 0.0 <= reconstruction["semantic"] <= 1.0
     first = reconstruction["first_frame"]
     assert {"semantic", "psnr", "colour", "shape"} <= set(first) and "motion" not in first
-    readout = state["optimisations"][-1]["latent_colour_readout"]
+    readout = operation["results"]["latent_colour_readout"]
     assert set(readout) == {"level0", "level1", "level2"} and all(0.0 <= v <= 1.0 for v in readout.values())
     assert "linear_colour" in json.loads((long_out / "metrics.jsonl").read_text().splitlines()[0])
 
@@ -83,10 +83,11 @@ def test_teacher_recipes_train_generate_eval(tmp_path):
     first = json.loads((t2v_out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss_stage0", "loss_stage1", "loss_stage2"} <= set(first)
     state = read_state(t2v_out)
-    assert [o["optimisation"] for o in state["optimisations"]] == ["train-vae", "train-t2v"]
-    assert state["optimisations"][-1]["images"] == 8 and state["optimisations"][-1]["image_share"] == 0.5
+    assert [o["operation"] for o in state["operations"]] == ["train-vae", "train-t2v"]
+    results = state["operations"][-1]["results"]
+    assert results["images"] == 8 and results["image_share"] == 0.5
     assert tuple(load_file(str(tmp_path / "t2v.work" / "images.safetensors"))["latents"].shape) == (8, 16, 1, 8, 8)
-    assert state["parent"]["path"] == str(vae_out)
+    assert state["operations"][-1]["parent"]["path"] == str(vae_out)
     # the MMDiT trained on whitened latents: the pipeline un-whitens with the same measured map
     shipped_norm = json.loads((t2v_out / "pipeline.json").read_text())["latent_norm"]
     measured = json.loads((tmp_path / "t2v.work" / "whitening.json").read_text())
@@ -123,3 +124,24 @@ def test_t2v_requires_vae_artifact(tmp_path):
     assert result.exit_code == 2 and "not a train-vae artifact" in result.output
     result = runner.invoke(app, ["train", "shapes/teacher_t2v", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "data.vae is not set" in result.output
+
+
+def test_a_stopped_run_says_it_can_be_resumed(tmp_path, monkeypatch):
+    from neodragon_cli.pipelines.train import train_vae
+    from neodragon_cli.pipelines.train.trainer import Trainer
+
+    class StopsAfterOneStep(Trainer):  # as Ctrl-C after the first update does
+        def fit(self, on_step_end=None):
+            return super().fit(lambda trainer, step: trainer.request_stop())
+
+    out = tmp_path / "vae"
+    args = ["train", "shapes/teacher_vae", "-o", str(out), *WORLD, *TRAIN, "train.batch_size=1", "data.crop=32",
+            "data.clip_frames=9", "data.norm_videos=1", "data.judge_videos=0",
+            "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_vae, "Trainer", StopsAfterOneStep)
+        stopped = _ok(runner.invoke(app, args))
+    assert f"stopped at step 1; continue with --resume (checkpoints in {tmp_path / 'vae.work'})" in " ".join(stopped.output.split())
+    assert not out.exists()
+    _ok(runner.invoke(app, [*args, "--resume"]))
+    assert read_state(out)["operations"][0]["results"]["steps"] == 2

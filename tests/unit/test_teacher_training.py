@@ -10,27 +10,19 @@ from neodragon_cli.pipelines.data.shapes import BACKGROUNDS, Scene, ShapeObject,
 from neodragon_cli.pipelines.flow.losses import build_flow_batch, flow_matching_loss
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
 from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
-from neodragon_cli.pipelines.train import shapes_teacher
-from neodragon_cli.pipelines.train.shapes_teacher import (
-    TrainT2VRecipe,
-    FrameCritic,
-    TrainVAERecipe,
-    VAEWithCritic,
-    WorldSection,
-    _batches,
-    _edges,
-    _dataset,
-    draw_units,
+from neodragon_cli.pipelines.data import latent_cache
+from neodragon_cli.pipelines.data.latent_cache import (
     encode_image_cache,
-    encoder_fingerprint,
     encode_latent_cache,
     encode_videos,
-    latent_colour_readout,
+    encoder_fingerprint,
     latent_object_mask,
-    object_latent_noise,
-    pooled_colour,
-    vae_loss,
 )
+from neodragon_cli.pipelines.data.world_section import WorldSection
+from neodragon_cli.pipelines.eval.reconstruction import latent_colour_readout
+from neodragon_cli.pipelines.train.critic import FrameCritic, VAEWithCritic
+from neodragon_cli.pipelines.train.train_t2v import TrainT2VRecipe, _batches, _dataset, draw_units
+from neodragon_cli.pipelines.train.train_vae import TrainVAERecipe, _edges, object_latent_noise, pooled_colour, vae_loss
 
 SCENES = [
     Scene("black", (ShapeObject("circle", "red", "small", "static", 0.5, 0.5),)),
@@ -337,18 +329,22 @@ _NORM = LatentNorm(image_shift=0.1, image_scale=2.0, video_shift=-0.3, video_sca
 def test_image_cache_holds_the_first_latent_frame_of_each_scene_video(tmp_path, monkeypatch):
     recipe = _image_recipe(images=3)
     vae, norm = _tiny_vae(), _NORM
-    images = encode_image_cache(recipe, vae, norm, tmp_path / "images.safetensors")
+
+    def image_cache():  # the scenes after the videos
+        return encode_image_cache(recipe.world, recipe.data.videos, recipe.data.images, vae, norm, tmp_path / "images.safetensors")
+
+    images = image_cache()
     assert images.shape == (3, 16, 1, 8, 8)
     dataset = _dataset(recipe)
     whole = torch.stack([dataset[recipe.data.videos + i][0] for i in range(3)])
     expected = normalize(encode_videos(vae, whole), norm)[:, :, :1]
     torch.testing.assert_close(images, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
     # cached: a second call reads the file instead of encoding
-    monkeypatch.setattr(shapes_teacher, "encode_videos", _refuse)
-    torch.testing.assert_close(encode_image_cache(recipe, vae, norm, tmp_path / "images.safetensors"), images)
+    monkeypatch.setattr(latent_cache, "encode_videos", _refuse)
+    torch.testing.assert_close(image_cache(), images)
     monkeypatch.undo()
     # the video cache holds other scenes
-    videos = encode_latent_cache(recipe, vae, norm, tmp_path / "latents.safetensors")
+    videos = encode_latent_cache(recipe.world, recipe.data.videos, vae, norm, tmp_path / "latents.safetensors")
     assert videos.shape == (5, 16, 2, 8, 8)
     assert not torch.allclose(videos[:3, :, :1], images, atol=1e-2)
 
@@ -383,42 +379,46 @@ def _refuse(*_):
 def test_latent_cache_is_extended_cut_or_redone_by_its_provenance(tmp_path, monkeypatch):
     recipe, vae, path = _image_recipe(images=0, share=0.0), _tiny_vae(), tmp_path / "latents.safetensors"
     recipe.data.videos = 3
-    first = encode_latent_cache(recipe, vae, _NORM, path)
+
+    def cache(at=path):
+        return encode_latent_cache(recipe.world, recipe.data.videos, vae, _NORM, at)
+
+    first = cache()
     encoded = []
 
     def counting(vae, videos):
         encoded.append(len(videos))
         return real(vae, videos)
 
-    real = shapes_teacher.encode_videos
-    monkeypatch.setattr(shapes_teacher, "encode_videos", counting)
+    real = latent_cache.encode_videos
+    monkeypatch.setattr(latent_cache, "encode_videos", counting)
     recipe.data.videos = 5  # grows: only the two new videos are encoded, the first three are kept
-    grown = encode_latent_cache(recipe, vae, _NORM, path)
+    grown = cache()
     assert sum(encoded) == 2 and grown.shape[0] == 5
     torch.testing.assert_close(grown[:3], first)
-    fresh = encode_latent_cache(recipe, vae, _NORM, tmp_path / "fresh.safetensors")
+    fresh = cache(tmp_path / "fresh.safetensors")
     # equal up to the bf16 encode of other batch compositions
     torch.testing.assert_close(grown, fresh, atol=0.01 * fresh.abs().max().item(), rtol=0)
     encoded.clear()
     recipe.data.videos = 2  # shrinks: the prefix, nothing encoded
-    torch.testing.assert_close(encode_latent_cache(recipe, vae, _NORM, path), first[:2])
+    torch.testing.assert_close(cache(), first[:2])
     with torch.no_grad():  # a decoder-only change keeps the latents valid
         next(vae.decoder.parameters()).add_(1.0)
-    encode_latent_cache(recipe, vae, _NORM, path)
+    cache()
     assert encoded == []
     with torch.no_grad():  # an encoder change does not
         next(vae.encoder.parameters()).add_(1.0)
-    encode_latent_cache(recipe, vae, _NORM, path)
+    cache()
     assert sum(encoded) == 2
     encoded.clear()
     before = encoder_fingerprint(vae, _NORM)
     vae.config["encoder_norm_num_groups"] = 2  # nor does another encoder config (the groups set the encoding)
     assert encoder_fingerprint(vae, _NORM) != before
-    encode_latent_cache(recipe, vae, _NORM, path)
+    cache()
     assert sum(encoded) == 2
     encoded.clear()
     recipe.world.seed = 7  # other scenes
-    encode_latent_cache(recipe, vae, _NORM, path)
+    cache()
     assert sum(encoded) == 2
 
 
