@@ -238,6 +238,7 @@ class T5TextEncoder(_TransformersTextModel):
         super().__init__()
         config = config if isinstance(config, T5Config) else T5Config(**config)
         self.encoder = T5EncoderModel(config)
+        self.config["config"] = self.encoder.config.to_dict()  # as adjusted for an encoder (no cache, not enc-dec)
 
     @staticmethod
     def transformers_config_class() -> type:
