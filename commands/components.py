@@ -7,11 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from neodragon_cli import registry
-from neodragon_cli.console import console
 from neodragon_cli.errors import CheckpointError, UsageError
+from neodragon_cli.paths import check_creatable
 
 components_app = typer.Typer(help="The component registry: what can be loaded, and what a checkpoint holds.", no_args_is_help=True)
 
@@ -21,6 +19,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".tar", ".pt", ".bin")
 @components_app.command("list")
 def list_components(kind: str = typer.Argument(None, help="Only this kind (e.g. mmdit, vae, text).")) -> None:
     """List registered components by kind and name."""
+    from rich.table import Table
+
+    from neodragon_cli import registry
+    from neodragon_cli.console import console
+
     table = Table("component", "description", title="registered components")
     for c in registry.components(kind):
         table.add_row(c.key, c.description)
@@ -61,8 +64,16 @@ def inspect(
     json_out: Path = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
 ) -> None:
     """What a checkpoint holds: component kind, parameter count, dtypes, missing/unexpected keys."""
+    from rich.table import Table
+
+    from neodragon_cli import registry
+    from neodragon_cli.atomic import write_text
+    from neodragon_cli.console import console
+
     if not path.exists():
         raise UsageError(f"{path} does not exist", hint="give a checkpoint folder or file")
+    if json_out is not None and str(json_out) != "-":
+        check_creatable(json_out)
     found = registry.detect(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES)
     params, dtypes = _tensor_summary(files)
@@ -85,7 +96,7 @@ def inspect(
         if str(json_out) == "-":
             typer.echo(text)
         else:
-            json_out.write_text(text + "\n")
+            write_text(json_out, text + "\n")
     table = Table(show_header=False, title=str(path))
     table.add_row("component", report["component"] or "[red]not recognised[/]")
     table.add_row("parameters", f"{params:,}")

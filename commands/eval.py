@@ -14,41 +14,47 @@ import math
 import re
 from pathlib import Path
 
-import click
 import typer
-from rich.table import Table
 
-from neodragon_cli.atomic import write_json
-from neodragon_cli.console import console, progress
 from neodragon_cli.errors import UsageError
-from neodragon_cli.pipelines.data.shapes import parse_prompt
-from neodragon_cli.pipelines.data.video_io import FFMPEG_SUFFIXES, is_video_path, read_video
-from neodragon_cli.pipelines.eval import judge as shapes_judge
-from neodragon_cli.pipelines.eval import metrics as video_metrics
+from neodragon_cli.paths import check_creatable
 
 METRICS = ("judge", "psnr", "ssim", "lpips")
-_SUFFIXES = FFMPEG_SUFFIXES + (".gif",)
-# Summary keys where higher is better, so a --fail-under threshold makes sense.
-_JUDGE_KEYS = ("total", "quality", "semantic", *shapes_judge.QUALITY_PROXIES, *shapes_judge.ATTRIBUTES)
-_THRESHOLD_KEYS = {**{k: "judge" for k in _JUDGE_KEYS}, "psnr": "psnr", "ssim": "ssim"}
+
+
+def _suffixes() -> tuple[str, ...]:
+    from neodragon_cli.pipelines.data.video_io import FFMPEG_SUFFIXES
+
+    return FFMPEG_SUFFIXES + (".gif",)
+
+
+def _threshold_keys() -> dict[str, str]:
+    """Summary keys where higher is better (so a --fail-under threshold makes sense) → their metric."""
+    from neodragon_cli.pipelines.eval.judge import ATTRIBUTES, QUALITY_PROXIES
+
+    judge_keys = ("total", "quality", "semantic", *QUALITY_PROXIES, *ATTRIBUTES)
+    return {**{k: "judge" for k in judge_keys}, "psnr": "psnr", "ssim": "ssim"}
 
 
 def _collect_videos(paths: list[Path]) -> list[Path]:
     """Video files and PNG-frame folders named on the command line or found directly inside folders."""
+    from neodragon_cli.pipelines.data.video_io import is_video_path
+
+    suffixes = _suffixes()
     videos: list[Path] = []
     for path in paths:
         if not path.exists():
             raise UsageError(f"{path} does not exist")
         if path.is_file():
-            if path.suffix.lower() not in _SUFFIXES:
-                raise UsageError(f"{path} is not a video", hint=f"give {', '.join(_SUFFIXES)} files, PNG-frame folders, or folders of them")
+            if path.suffix.lower() not in suffixes:
+                raise UsageError(f"{path} is not a video", hint=f"give {', '.join(suffixes)} files, PNG-frame folders, or folders of them")
             videos.append(path)
         elif any(path.glob("*.png")):
             videos.append(path)  # a folder of frames is one video
         else:
-            found = sorted(p for p in path.iterdir() if (p.is_file() and p.suffix.lower() in _SUFFIXES) or (p.is_dir() and is_video_path(p)))
+            found = sorted(p for p in path.iterdir() if (p.is_file() and p.suffix.lower() in suffixes) or (p.is_dir() and is_video_path(p)))
             if not found:
-                raise UsageError(f"no videos in {path}", hint=f"expected {', '.join(_SUFFIXES)} files or PNG-frame folders")
+                raise UsageError(f"no videos in {path}", hint=f"expected {', '.join(suffixes)} files or PNG-frame folders")
             videos += found
     return videos
 
@@ -77,6 +83,8 @@ def _prompts_from_file(prompts_file: Path, videos: list[Path]) -> list[str | Non
 
 def _prompt_beside(video: Path) -> str | None:
     """The "prompt" of `<stem>.json` beside the video, else a VBench-style file name's prompt."""
+    from neodragon_cli.pipelines.data.shapes import parse_prompt
+
     meta = video.parent / f"{_video_stem(video)}.json"
     if meta.is_file():
         try:
@@ -95,20 +103,21 @@ def _reference_for(video: Path, reference_dir: Path) -> Path:
         return exact
     stem = _video_stem(video)
     for candidate in sorted(reference_dir.glob(f"{stem}*")):
-        if _video_stem(candidate) == stem and (candidate.is_dir() or candidate.suffix.lower() in _SUFFIXES):
+        if _video_stem(candidate) == stem and (candidate.is_dir() or candidate.suffix.lower() in _suffixes()):
             return candidate
     raise UsageError(f"no reference for {video.name} in {reference_dir}", hint="reference videos must have the same names")
 
 
 def _parse_thresholds(items: list[str], metrics: set[str]) -> dict[str, float]:
+    keys = _threshold_keys()
     thresholds = {}
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or key not in _THRESHOLD_KEYS:
-            raise UsageError(f"bad --fail-under '{item}'", hint=f"use KEY=VALUE with KEY one of {', '.join(_THRESHOLD_KEYS)}")
-        if _THRESHOLD_KEYS[key] not in metrics:
-            raise UsageError(f"--fail-under {key} needs the '{_THRESHOLD_KEYS[key]}' metric", hint="add it with --metrics")
+        if not sep or key not in keys:
+            raise UsageError(f"bad --fail-under '{item}'", hint=f"use KEY=VALUE with KEY one of {', '.join(keys)}")
+        if keys[key] not in metrics:
+            raise UsageError(f"--fail-under {key} needs the '{keys[key]}' metric", hint="add it with --metrics")
         try:
             thresholds[key] = float(value)
         except ValueError as exc:
@@ -123,6 +132,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _summary(rows: list[dict], metrics: set[str]) -> dict[str, float | None]:
+    from neodragon_cli.pipelines.eval import judge as shapes_judge
+
     summary: dict[str, float | None] = {}
     if "judge" in metrics:
         for key in ("total", "quality", "semantic"):
@@ -168,6 +179,12 @@ def eval_command(
     lpips_heads: Path = typer.Option(None, "--lpips-heads", help="Local LPIPS linear heads (lpips weights/v0.1/alex.pth); optional."),
 ) -> None:
     """Score videos: Shapes judge (Semantic, Quality, Total = (4·Quality + Semantic)/5) and PSNR/SSIM/LPIPS."""
+    from neodragon_cli.atomic import write_json
+    from neodragon_cli.console import console, progress
+    from neodragon_cli.pipelines.data.video_io import read_video
+    from neodragon_cli.pipelines.eval import judge as shapes_judge
+    from neodragon_cli.pipelines.eval import metrics as video_metrics
+
     if metrics is None:
         chosen = {"judge"} | ({"psnr", "ssim"} if reference else set())
     else:
@@ -180,6 +197,8 @@ def eval_command(
     if reference is not None and not reference.is_dir():
         raise UsageError(f"reference folder {reference} does not exist")
     thresholds = _parse_thresholds(fail_under, chosen)
+    if json_out is not None and str(json_out) != "-":
+        check_creatable(json_out)
     lpips_model = None
     if "lpips" in chosen:
         if lpips_weights is None:
@@ -238,11 +257,14 @@ def eval_command(
     if failed:
         for key, value in failed.items():
             console.print(f"[bold red]below threshold:[/] {key} = {_fmt(value)} < {thresholds[key]}", highlight=False)
-        # click's Exit (not typer.Exit): the app's error wrapper passes it through as a plain exit code.
-        raise click.exceptions.Exit(1)
+        raise typer.Exit(1)
 
 
 def _print_tables(rows: list[dict], summary: dict, chosen: set[str]) -> None:
+    from rich.table import Table
+
+    from neodragon_cli.console import console
+
     columns = [c for c in ("semantic", "quality", "total", "psnr", "ssim", "lpips") if c in summary]
     table = Table("video", *columns, title="per video")
     for row in rows:

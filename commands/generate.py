@@ -11,74 +11,26 @@ hashes, per-component time); files appear only when complete.
 
 from __future__ import annotations
 
-import platform
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
-import neodragon_cli
-from neodragon_cli.artifacts import folder_hash, sha256_file
-from neodragon_cli.atomic import write_json
-from neodragon_cli.console import console, progress
+from neodragon_cli.artifacts import resolve_model
 from neodragon_cli.errors import UsageError
-from neodragon_cli.pipelines.flow.pipeline import (
-    GenerationSettings,
-    Profiler,
-    VideoPipeline,
-    load_image,
-)
-from neodragon_cli.pipelines.flow.scheduler import parse_steps
-from neodragon_cli.recipes import recipe_schema
+from neodragon_cli.paths import check_creatable, check_new_output
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from neodragon_cli.pipelines.flow.pipeline import Profiler, VideoPipeline
+    from neodragon_cli.pipelines.flow.settings import GenerationSettings
 
 DEFAULT_MODEL = "shapes-teacher"
 FORMATS = ("mp4", "png", "gif")
 MODES = ("hybrid", "monolithic")
-
-
-@recipe_schema("generate")
-@dataclass
-class GenerateRecipe:
-    """A generation run: which model, and settings on top of the model's own defaults."""
-
-    model: str | None = field(
-        default=None, metadata={"doc": f"model folder or embedded model name (none: --model or '{DEFAULT_MODEL}')"}
-    )
-    seed: int = field(default=0, metadata={"doc": "random seed (same seed, same video)"})
-    format: Literal["mp4", "png", "gif"] = field(default="mp4", metadata={"doc": "output format"})
-    sampling: GenerationSettings = field(
-        default_factory=GenerationSettings, metadata={"doc": "sampling settings; unset keys keep the model's defaults"}
-    )
-
-    def validate(self) -> list[str]:
-        return self.sampling.validate()
-
-
-def embedded_models_root() -> Path:
-    return Path(neodragon_cli.__file__).parent / "weights"
-
-
-def resolve_model(model: str) -> Path:
-    """A local folder, or the name of a model shipped in the package (`neodragon_cli/weights/NAME`)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    looks_like_name = re.fullmatch(r"[A-Za-z0-9_.-]+", model) is not None and not path.suffix
-    if looks_like_name:
-        embedded = embedded_models_root() / model
-        if embedded.is_dir():
-            return embedded
-        root = embedded_models_root()
-        shipped = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        raise UsageError(
-            f"no model folder '{model}' and no embedded model of that name",
-            hint=f"embedded models: {', '.join(shipped) or 'none shipped yet'}; pass --model DIR",
-        )
-    raise UsageError(f"model path does not exist: {model}", hint="pass --model with a local pipeline folder")
 
 
 def _slug(prompt: str, limit: int = 60) -> str:
@@ -101,6 +53,9 @@ def _read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
 
 
 def _cli_settings(mode, steps, first_steps, frames, height, width, guidance, video_guidance, history_noise, sr, fps) -> GenerationSettings:
+    from neodragon_cli.pipelines.flow.scheduler import parse_steps
+    from neodragon_cli.pipelines.flow.settings import GenerationSettings
+
     if mode is not None and mode not in MODES:
         raise UsageError(f"unknown mode '{mode}'", hint=f"use one of: {', '.join(MODES)}")
 
@@ -124,20 +79,26 @@ def _cli_settings(mode, steps, first_steps, frames, height, width, guidance, vid
     return settings
 
 
-def _outputs(out: Path, prompts: list[str], fmt: str | None, single: bool) -> tuple[list[Path], str]:
-    """Video paths (one per prompt) and the format."""
+def _outputs(out: Path, prompts: list[str], fmt: str | None, single: bool, overwrite: bool) -> tuple[list[Path], str]:
+    """Video paths (one per prompt, each writable and new unless `overwrite`) and the format."""
     from neodragon_cli.pipelines.data.video_io import format_for
 
     if single:
-        return [out], format_for(out, fmt)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"with --prompts-file, -o must be a folder; {out} is a file")
-    fmt = fmt or "mp4"
-    suffix = "" if fmt == "png" else f".{fmt}"
-    return [out / f"{i:03d}-{_slug(p)}{suffix}" for i, p in enumerate(prompts)], fmt
+        paths, fmt = [out], format_for(out, fmt)
+    else:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"with --prompts-file, -o must be a folder; {out} is a file")
+        fmt = fmt or "mp4"
+        suffix = "" if fmt == "png" else f".{fmt}"
+        paths = [out / f"{i:03d}-{_slug(p)}{suffix}" for i, p in enumerate(prompts)]
+    for path in paths:
+        check_new_output(path, overwrite)
+    return paths, fmt
 
 
 def _component_hashes(pipe: VideoPipeline, cache: dict) -> dict[str, str]:
+    from neodragon_cli.artifacts import folder_hash, sha256_file
+
     if not cache:
         for role, path in pipe.component_paths.items():
             cache[role] = sha256_file(path) if path.is_file() else folder_hash(path)
@@ -145,6 +106,8 @@ def _component_hashes(pipe: VideoPipeline, cache: dict) -> dict[str, str]:
 
 
 def _profile_table(profile: Profiler, wall: float) -> Table:
+    from rich.table import Table
+
     table = Table("component", "calls", "total s", "ms/call", "peak MB", title="per-component time and memory")
     for name, c in profile.components.items():
         table.add_row(name, str(c.calls), f"{c.seconds:.3f}", f"{1000 * c.seconds / max(c.calls, 1):.1f}", f"{c.peak_mb:.0f}")
@@ -176,8 +139,13 @@ def generate(
     overrides: list[str] = typer.Option(None, "--set", help="Recipe override key.sub=value (repeatable)."),
     json_path: Path = typer.Option(None, "--json", help="Write a JSON summary of the run here."),
     profile: bool = typer.Option(False, "--profile", help="Print per-component time and peak memory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output videos."),
 ) -> None:
     """Generate videos from text prompts (or a first frame) with a pyramidal-flow video model."""
+    from neodragon_cli.atomic import write_json
+    from neodragon_cli.pipelines.flow.pipeline import VideoPipeline, load_image
+    from neodragon_cli.pipelines.flow.settings import GenerateRecipe
+
     # everything a user can get wrong is checked before any model is loaded
     prompts = _read_prompts(prompt, prompts_file)
     if format is not None and format not in FORMATS:
@@ -193,7 +161,9 @@ def generate(
     model_dir = resolve_model(model or run.model or DEFAULT_MODEL)
     first_frame = load_image(image) if image is not None else None
     seed = run.seed if seed is None else seed
-    paths, fmt = _outputs(out, prompts, format or (None if recipe is None else run.format), prompt is not None)
+    paths, fmt = _outputs(out, prompts, format or (None if recipe is None else run.format), prompt is not None, overwrite)
+    if json_path is not None:
+        check_creatable(json_path)
 
     pipe = VideoPipeline.from_pretrained(model_dir, mode=cli.mode or run.sampling.mode)
     settings = pipe.settings(run.sampling, cli)
@@ -207,7 +177,15 @@ def generate(
 
 
 def _generate_one(pipe, prompt, settings, seed, image, path: Path, fmt, model_dir, hashes, show_profile) -> dict:
+    import platform
+
+    import torch
+
+    import neodragon_cli
+    from neodragon_cli.atomic import write_json
+    from neodragon_cli.console import console, progress
     from neodragon_cli.pipelines.data.video_io import VideoWriter
+    from neodragon_cli.pipelines.flow.pipeline import Profiler
 
     config = settings.sampling_config()
     num_latents = pipe.vae.latent_frames(settings.frames)
@@ -237,7 +215,7 @@ def _generate_one(pipe, prompt, settings, seed, image, path: Path, fmt, model_di
         "model": {"path": str(model_dir), "name": pipe.name, "components": _component_hashes(pipe, hashes)},
         "timing": {"wall_seconds": wall, "components": profiler.as_dict()},
         "neodragon_version": neodragon_cli.__version__,
-        "torch_version": __import__("torch").__version__,
+        "torch_version": torch.__version__,
         "platform": platform.platform(),
     }
     write_json(path.with_suffix(".json") if path.suffix else path.with_name(path.name + ".json"), meta)

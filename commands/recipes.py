@@ -5,17 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-import yaml
-from rich.table import Table
-
-from neodragon_cli import recipes as R
-from neodragon_cli.console import console
-from neodragon_cli.errors import RecipeError
 
 recipes_app = typer.Typer(help="List, show and validate YAML recipes.", no_args_is_help=True)
 
 
 def _description(path: Path) -> tuple[str, str]:
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
@@ -26,6 +22,11 @@ def _description(path: Path) -> tuple[str, str]:
 @recipes_app.command("list")
 def list_recipes() -> None:
     """List the shipped recipes (name, command, description)."""
+    from rich.table import Table
+
+    from neodragon_cli import recipes as R
+    from neodragon_cli.console import console
+
     table = Table("recipe", "command", "description", title="shipped recipes")
     for name, path in R.shipped_recipes().items():
         table.add_row(name, *_description(path))
@@ -39,6 +40,11 @@ def show(
     schema: bool = typer.Option(False, "--schema", help="Show the schema (keys, types, defaults, docs) instead."),
 ) -> None:
     """Print a recipe fully resolved (inheritance, defaults and overrides applied)."""
+    from rich.table import Table
+
+    from neodragon_cli import recipes as R
+    from neodragon_cli.console import console
+
     obj = R.load(recipe, overrides or [])
     if schema:
         table = Table("key", "type", "default", "doc", title=f"schema of '{R.command_of(obj)}' recipes")
@@ -55,6 +61,10 @@ def validate(
     overrides: list[str] = typer.Option([], "--set", help="key.sub=value override applied to each recipe."),
 ) -> None:
     """Validate recipes: every problem in every file is reported; exit 2 if any."""
+    from neodragon_cli import recipes as R
+    from neodragon_cli.console import console
+    from neodragon_cli.errors import RecipeError
+
     problems = []
     for path in paths:
         found = R.validate(path, overrides)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import typer
 
-from neodragon_cli.atomic import write_json, write_text
-from neodragon_cli.console import console, progress
 from neodragon_cli.errors import ArtifactError, UsageError
-from neodragon_cli.pipelines.data.shapes import SPLITS, ShapesWorld, caption, prompt_corpus
-from neodragon_cli.pipelines.data.video_io import write_video
+from neodragon_cli.paths import check_creatable
 
 shapes_app = typer.Typer(help="The Shapes world: sample captioned clips, write prompt corpora.", no_args_is_help=True)
 
 
 def _check_split(split: str) -> None:
+    from neodragon_cli.pipelines.data.shapes import SPLITS
+
     if split not in SPLITS:
         raise UsageError(f"unknown split '{split}'", hint=f"use one of {', '.join(SPLITS)}")
 
@@ -34,11 +32,19 @@ def sample(
     frames: int = typer.Option(49, "--frames", help="Frames per clip."),
 ) -> None:
     """Render random clips (or clips for --prompt) with a metadata JSON beside each, as `eval` reads it."""
+    import numpy as np
+
+    from neodragon_cli.atomic import write_json
+    from neodragon_cli.console import console, progress
+    from neodragon_cli.pipelines.data.shapes import ShapesWorld, caption
+    from neodragon_cli.pipelines.data.video_io import write_video
+
     _check_split(split)
     if format not in ("mp4", "gif", "png"):
         raise UsageError(f"unknown format '{format}'", hint="use mp4, gif or png")
     if out.exists() and any(out.iterdir()):
         raise ArtifactError(f"{out} exists and is not empty", hint="choose a new folder")
+    check_creatable(out / "00000.json")
     world = ShapesWorld(height, width, frames)
     with progress() as bar:
         task = bar.add_task("rendering", total=count)
@@ -64,7 +70,13 @@ def prompts(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write a deterministic corpus of unique captions (e.g. for text-encoder distillation)."""
+    from neodragon_cli.atomic import write_text
+    from neodragon_cli.console import console
+    from neodragon_cli.pipelines.data.shapes import prompt_corpus
+
     _check_split(split)
+    if str(out) != "-":
+        check_creatable(out)
     text = "\n".join(prompt_corpus(count, seed=seed, split=split)) + "\n"
     if str(out) == "-":
         typer.echo(text, nl=False)

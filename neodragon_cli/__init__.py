@@ -1,11 +1,8 @@
 """neodragon: make Pyramid-Flow-class text-to-video transformers mobile-ready, and generate videos."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("neodragon")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+unknown"
+# The one place the version is written: pyproject.toml reads it (`[tool.setuptools.dynamic]`), so
+# `neodragon --version` needs no package-metadata lookup at start-up.
+__version__ = "0.1.0"
 
 
 def load_component(kind: str, path, **kwargs):

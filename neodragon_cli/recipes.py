@@ -8,8 +8,9 @@ A recipe file looks like
     sampler:
       steps: [1, 1, 1]
 
-Schemas are (nested) dataclasses registered with `@recipe_schema("command")`; every field has a
-type and a `metadata={"doc": ...}`. Loading walks every node and collects *all* problems (unknown
+Schemas are (nested) dataclasses registered with `@recipe_schema("command")` in the library modules
+named by `SCHEMA_MODULES`; every field has a type and a `metadata={"doc": ...}` (see `setting`).
+This module imports neither typer nor the command modules, so library code may use it. Loading walks every node and collects *all* problems (unknown
 keys by dotted path with a did-you-mean, wrong types, bad YAML) with file and line, then raises one
 `RecipeError`. Only `yaml.safe_load`/`compose` are used.
 """
@@ -17,6 +18,7 @@ keys by dotted path with a did-you-mean, wrong types, bad YAML) with file and li
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import MISSING, fields, is_dataclass
@@ -27,12 +29,15 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from neodragon_cli.errors import RecipeError, UnknownNameError
-from neodragon_cli.registry import did_you_mean
+from neodragon_cli.registry import did_you_mean, import_submodules
 
 META_KEYS = ("command", "extends", "description")
 _SCHEMAS: dict[str, type] = {}
-_SCHEMA_MODULES = (
-    "neodragon_cli.commands",  # command modules register their schemas on import
+# Library modules (and packages: every module in them) that register recipe schemas on import. A
+# command's schema lives beside the library code that runs it, never in the command-line layer.
+SCHEMA_MODULES = (
+    "neodragon_cli.pipelines.flow.settings",  # generate
+    "neodragon_cli.pipelines.train",  # one module per training command
 )
 
 
@@ -57,9 +62,11 @@ def recipe_schema(command: str):
 
 
 def schemas() -> dict[str, type]:
-    from neodragon_cli.app import load_command_modules
-
-    load_command_modules()
+    """Every recipe schema by command (importing the modules of `SCHEMA_MODULES` once)."""
+    for name in SCHEMA_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "__path__"):
+            import_submodules(name)
     return dict(sorted(_SCHEMAS.items()))
 
 

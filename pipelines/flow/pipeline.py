@@ -36,113 +36,27 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from neodragon_cli.errors import CheckpointError, UsageError
-from neodragon_cli.recipes import setting
 from neodragon_cli.pipelines.flow.sampler import (
     NoiseSource,
     PyramidSampler,
-    SamplingConfig,
     SeededNoise,
     StepEvent,
     TextConditioning,
     mmdit_denoiser,
     prediction_type,
 )
-from neodragon_cli.pipelines.flow.scheduler import parse_steps
+from neodragon_cli.pipelines.flow.settings import GenerationSettings
 from neodragon_cli.pipelines.models.latents import LatentNorm, denormalize, get_scheme, normalize
 
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_FORMAT = "neodragon-pipeline/1"
 ROLES = ("text_encoder", "context_adapter", "mmdit", "vae", "decoder", "first_frame", "sr")
-PYRAMID_FLOW_NEGATIVE = (
-    "cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, extra limbs, "
-    "extra digits, misplaced objects, mutated anatomy, monochrome, horror"
-)
-# the latent grid must allow two halvings and whole 2x2 patches: 8 (VAE) * 4 (pyramid) * 2 (patch)
-SIZE_MULTIPLE = 64
-
-
-@dataclass
-class GenerationSettings:
-    """How to sample one video. Every field may be None = "not set here": settings are layered
-    (model defaults < recipe < command line) with `over`, and `resolved` checks all are set."""
-
-    mode: Literal["hybrid", "monolithic"] | None = setting(None, "hybrid: latent 0 from a first-frame image (generator or --image) through the VAE encoder; "
-        "monolithic: the DiT generates latent 0 too"
-    )
-    first_steps: list[int] | None = setting(None, "Euler steps per pyramid stage for a generated latent 0 (monolithic)")
-    video_steps: list[int] | None = setting(None, "Euler steps per pyramid stage for latent frames 1, 2, ...")
-    guidance: float | None = setting(None, "classifier-free guidance scale for latent 0 (0 = no CFG)")
-    video_guidance: float | None = setting(None, "classifier-free guidance scale for later latent frames (0 = no CFG)")
-    linear_guidance: bool | None = setting(None, "decay the guidance per latent frame: max(guidance - decay * k, min)")
-    min_guidance: float | None = setting(None, "lower bound of linear guidance")
-    guidance_decay: float | None = setting(None, "per-latent-frame decrease of linear guidance")
-    history_noise: float | None = setting(None, "noise level c in [0, 1) mixed into the history frames (c eps + (1 - c) h) against drift")
-    frames: int | None = setting(None, "video frames, 1 + 8k (49 = 7 latent frames)")
-    height: int | None = setting(None, "video height in pixels, a multiple of 64 (before super-resolution)")
-    width: int | None = setting(None, "video width in pixels, a multiple of 64 (before super-resolution)")
-    fps: float | None = setting(None, "frames per second of the written video")
-    sr: bool | None = setting(None, "2x super-resolution of every frame (needs an sr component)")
-    prompt_modifier: str | None = setting(None, "text appended to every prompt before encoding")
-    negative_prompt: str | None = setting(None, "negative prompt for classifier-free guidance")
-
-    def over(self, base: "GenerationSettings") -> "GenerationSettings":
-        """These settings on top of `base` (fields set here win)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return dataclasses.replace(base, **{k: v for k, v in values.items() if v is not None})
-
-    def validate(self) -> list[str]:
-        """Problems with the fields that are set (used by recipe validation and `resolved`)."""
-        problems = []
-        if self.frames is not None and (self.frames < 1 or (self.frames - 1) % 8):
-            problems.append(f"frames must be 1 + 8k (e.g. 9, 17, 49), got {self.frames}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % SIZE_MULTIPLE):
-                problems.append(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
-        for name in ("first_steps", "video_steps"):
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    parse_steps(value)
-                except ValueError as exc:
-                    problems.append(f"{name}: {exc}")
-        for name in ("guidance", "video_guidance", "min_guidance", "guidance_decay"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                problems.append(f"{name} must be >= 0, got {value}")
-        if self.history_noise is not None and not 0 <= self.history_noise < 1:
-            problems.append(f"history_noise must be in [0, 1), got {self.history_noise}")
-        if self.fps is not None and self.fps <= 0:
-            problems.append(f"fps must be positive, got {self.fps}")
-        return problems
-
-    def resolved(self) -> "GenerationSettings":
-        """Fill the optional knobs and check everything; raises UsageError (one line)."""
-        filled = self.over(GenerationSettings(
-            linear_guidance=False, min_guidance=2.0, guidance_decay=0.5, history_noise=0.0, sr=False, prompt_modifier="",
-            negative_prompt=PYRAMID_FLOW_NEGATIVE,
-        ))  # fmt: skip
-        unset = [f.name for f in dataclasses.fields(filled) if getattr(filled, f.name) is None]
-        problems = filled.validate() + ([f"not set: {', '.join(unset)}"] if unset else [])
-        if problems:
-            raise UsageError("; ".join(problems), hint="fix the option, the recipe or the model's pipeline.json")
-        return filled
-
-    def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig(
-            first_steps=parse_steps(self.first_steps), video_steps=parse_steps(self.video_steps),
-            guidance=self.guidance, video_guidance=self.video_guidance, linear_guidance=self.linear_guidance,
-            min_guidance=self.min_guidance, guidance_decay=self.guidance_decay, history_noise=self.history_noise,
-        )  # fmt: skip
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 # ---------------------------------------------------------------------- profiling
@@ -283,7 +197,7 @@ class VideoPipeline:
     ):
         self.mmdit, self.vae, self.text_encoder = mmdit, vae, text_encoder
         self.context_adapter, self.decoder, self.first_frame, self.sr = context_adapter, decoder, first_frame, sr
-        norm = latent_norm if latent_norm is not None else getattr(vae, "latent_norm", None)
+        norm = latent_norm if latent_norm is not None else vae.latent_norm
         if norm is None:
             raise CheckpointError("the pipeline needs a latent normalisation scheme", hint=f"set latent_norm in {PIPELINE_FILE}")
         self.latent_norm = get_scheme(norm)
@@ -487,7 +401,7 @@ class VideoPipeline:
             if image is None:
                 image = self.make_first_frame(prompt + settings.prompt_modifier, settings, seed or 0, profile)
             first = self.first_latent(fit_image(image, settings.height, settings.width), noise, profile)
-        scale = getattr(self.vae, "spatial_compression", 8)
+        scale = self.vae.spatial_compression
         denoise = mmdit_denoiser(self.mmdit)
 
         def timed_denoiser(clips, cond, t):

@@ -39,6 +39,7 @@ from neodragon_cli.pipelines.flow.scheduler import (
     latent_pyramid,
     noise_pyramid,
 )
+from neodragon_cli.pipelines.flow.settings import SamplingConfig
 
 # ---------------------------------------------------------------------- randomness
 
@@ -174,37 +175,10 @@ PREDICTIONS = ("velocity", "clean")
 def prediction_type(model) -> str:
     """What an MMDiT outputs: "velocity" (the stage's start - end, as the published models do) or
     "clean" (the stage's clean latent); read from its config's `prediction`."""
-    config = getattr(model, "config", None)
-    return config.get("prediction", "velocity") if isinstance(config, dict) else "velocity"
+    return model.config["prediction"]
 
 
 # ---------------------------------------------------------------------- configuration and events
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Steps and guidance. `first_*` apply to a generated latent 0 (monolithic), `video_*` to later
-    units. A scale > 0 turns classifier-free guidance on for that unit ([negative, positive] batch,
-    v = v_neg + g (v_pos - v_neg)); 0 means one positive-only call. With `linear_guidance`, unit u
-    uses max(guidance - guidance_decay * u, min_guidance) instead (Pyramid-Flow option).
-    `history_noise` c > 0 feeds the history as c eps + (1 - c) h, fresh eps per stage, like the
-    training-time corruption (c ~ U(0, corrupt_ratio)): the model's own frames then look no more
-    trustworthy than the noised true frames it learnt from, which damps frame-to-frame drift."""
-
-    first_steps: tuple[int, ...] = (20, 20, 20)
-    video_steps: tuple[int, ...] = (10, 10, 10)
-    guidance: float = 7.0
-    video_guidance: float = 5.0
-    linear_guidance: bool = False
-    min_guidance: float = 2.0
-    guidance_decay: float = 0.5
-    history_noise: float = 0.0
-
-    def unit_plan(self, unit: int) -> tuple[tuple[int, ...], float]:
-        steps = self.first_steps if unit == 0 else self.video_steps
-        if self.linear_guidance:
-            return steps, max(self.guidance - self.guidance_decay * unit, self.min_guidance)
-        return steps, self.guidance if unit == 0 else self.video_guidance
 
 
 HYBRID = SamplingConfig(first_steps=(1, 1, 1), video_steps=(1, 1, 1), guidance=0.0, video_guidance=0.0)

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from neodragon_cli.app import app
-from neodragon_cli.commands.generate import DEFAULT_MODEL, embedded_models_root
+from neodragon_cli.artifacts import embedded_models_root
+from neodragon_cli.commands.generate import DEFAULT_MODEL
 
 MAIN_JOB = "a small red circle moving left on a black background"
 
