@@ -111,3 +111,34 @@ def test_every_shipped_recipe_validates():
     shipped = R.shipped_recipes()
     for name in shipped:
         assert R.validate(name) == [], name
+
+
+def test_sampling_settings_have_one_source_of_defaults_and_docs():
+    import dataclasses
+
+    from neodragon_cli.pipelines.flow.settings import KNOBS, GenerationSettings, SamplingConfig
+
+    config_fields = {f.name: f for f in dataclasses.fields(SamplingConfig)}
+    settings_fields = {f.name: f for f in dataclasses.fields(GenerationSettings)}
+    for knob in KNOBS:
+        assert settings_fields[knob].default is None  # unset: a layer over the model's defaults
+        assert settings_fields[knob].metadata["doc"] == config_fields[knob].metadata["doc"]
+    video = GenerationSettings(mode="monolithic", frames=9, height=64, width=64, fps=8).resolved()
+    assert video.sampling_config() == SamplingConfig()
+    assert R.schema_for("generate").__dataclass_fields__["sampling"].default_factory is GenerationSettings
+
+
+def test_sampling_config_is_a_strict_recipe_section(tmp_path):
+    from neodragon_cli.pipelines.flow.settings import SamplingConfig
+
+    @dataclass
+    class _WithSampling:
+        sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    R.recipe_schema("toy-test")(_WithSampling)  # the fixture removes it again
+    path = tmp_path / "s.yaml"
+    path.write_text("command: toy-test\nsampling: {video_steps: [2, 2, 2], history_noise: 0.3}\n")
+    loaded = R.load(path)
+    assert loaded.sampling == SamplingConfig(video_steps=(2, 2, 2), history_noise=0.3)
+    assert R.validate(path, ["sampling.history_noise=1.5"]) == [f"{path.name}:2: sampling: history_noise must be in [0, 1), got 1.5"]
+    assert "unknown key 'sampling.steps'" in R.validate(path, ["sampling.steps=[1, 1, 1]"])[0]
