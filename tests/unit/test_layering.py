@@ -31,3 +31,33 @@ def test_library_modules_and_recipe_schemas_do_not_import_the_cli_layer():
     assert "neodragon_cli.pipelines.flow.pipeline" in found["modules"]
     assert "generate" in found["commands"]
     assert found["cli"] == [], f"the library imported the CLI layer: {found['cli']}"
+
+
+def test_declared_dependencies_are_exactly_the_third_party_imports():
+    import ast
+    import re
+    import tomllib
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in project["dependencies"]}
+    distributions = packages_distributions()
+    imported: dict[str, str] = {}
+    for folder in ("neodragon_cli", "commands", "pipelines"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in ("neodragon_cli", "__future__"):
+                        imported.setdefault(top, str(path.relative_to(root)))
+    needed = {distributions[top][0].lower().replace("_", "-"): where for top, where in imported.items()}
+    assert set(needed) - declared == set(), {d: needed[d] for d in set(needed) - declared}
+    assert declared - set(needed) == set(), "declared but never imported"
