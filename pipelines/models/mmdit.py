@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from neodragon_cli.errors import CheckpointError, UsageError
 from neodragon_cli.pipelines.flow.sampler import PREDICTIONS
 from neodragon_cli.pipelines.models.base import PretrainedModel
-from neodragon_cli.registry import register
+from neodragon_cli.registry import did_you_mean, register
 
 WEIGHTS_NAME = PretrainedModel.weights_names[0]
 ROPE_THETA = 10000.0
@@ -658,7 +658,5 @@ PRESETS: dict[str, dict] = {
 def mmdit_from_preset(name: str, **overrides) -> PyramidFlowMMDiT:
     """A freshly initialised model of a named size (wrap in `torch.device("meta")` to skip memory)."""
     if name not in PRESETS:
-        from neodragon_cli.registry import did_you_mean
-
         raise UsageError(f"unknown MMDiT preset '{name}'", hint=f"{did_you_mean(name, list(PRESETS))}known: {', '.join(PRESETS)}")
     return PyramidFlowMMDiT(**{**PRESETS[name], **overrides})

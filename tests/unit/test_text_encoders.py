@@ -190,6 +190,8 @@ def test_bundle_outputs_and_round_trip(tokenizer, tmp_path):
     with torch.no_grad():
         for a, b in zip(loaded(prompts), (embeds, mask, pooled)):
             assert torch.equal(a, b)
+    half = TextEncoderBundle.from_pretrained(tmp_path / "root", dtype="bfloat16")  # every encoder in the dtype
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------- adapter
