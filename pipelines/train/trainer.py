@@ -35,7 +35,8 @@ bit-identical to an uninterrupted one. Because the seeds follow sample positions
 batch over 2 ranks or over 2 accumulation steps draws the same random numbers.
 
 Distributed: under `torchrun` each phase runs through a DDP wrapper of the models it updates (so
-the others neither synchronise nor need a gradient, and a parameter unused in a phase is allowed), or
+the others neither synchronise nor need a gradient; a parameter of these that a phase leaves unused
+is allowed unless the phase says `unused_parameters=False`), or
 all trained models are sharded with FSDP2 (`fsdp: true`); rank r takes its slice of each global batch;
 only rank 0 writes checkpoints, metrics and the progress bar. Run the command inside
 `distributed.process_group()` so that the process group is torn down however it ends.
@@ -57,7 +58,6 @@ import re
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -136,7 +136,7 @@ class LoopConfig:
     """The run's settings shared by all its models: seed, length, batch, precision, checkpointing."""
 
     seed: int = setting(0, "seed of the sample stream, the noise and dropout")
-    max_steps: int = setting(1000, "training steps in the whole run (one optimizer update per model and phase repeat)")
+    max_steps: int = setting(1000, "training steps in the whole run (with one model: optimizer updates)")
     batch_size: int = setting(8, "global batch: samples per optimizer update, over all ranks and accumulation steps")
     grad_accum: int = setting(1, "micro-batches accumulated per update on each rank")
     precision: Literal["fp32", "bf16"] = setting("fp32", "bf16: forward and loss under bf16 autocast, fp32 weights")
@@ -235,12 +235,15 @@ class TrainResult:
 @dataclass(frozen=True)
 class Phase:
     """One part of a training step: `repeats` optimizer updates of the models named in `updates`,
-    each on its own global batch, with the gradients of `loss_fn`."""
+    each on its own global batch, with the gradients of `loss_fn`. `unused_parameters=False`
+    promises that every trainable parameter of those models gets a gradient in every update, which
+    spares DDP its search of the autograd graph for the others (and its warning when none are)."""
 
     name: str
     loss_fn: PhaseLossFn
     updates: tuple[str, ...]
     repeats: int = 1
+    unused_parameters: bool = True
 
 
 @dataclass
@@ -310,7 +313,7 @@ class MultiModelTrainer:
     def __init__(self, models: Mapping[str, nn.Module], optimizers: Mapping[str, OptimizerConfig],
                  phases: Sequence[Phase], data: Callable[[range], Any], config: LoopConfig, out_dir: str | Path,
                  *, resume: bool = False, progress: bool = True, device: str | torch.device | None = None):
-        problems = config.validate() + self._plan_problems(models, optimizers, phases)
+        problems = LoopConfig.validate(config) + self._plan_problems(models, optimizers, phases)
         for name, settings in optimizers.items():
             problems += [f"{name}: {p}" for p in OptimizerConfig.validate(settings, config.max_steps)]
         if problems:
@@ -343,6 +346,10 @@ class MultiModelTrainer:
         self._stop_requested = False
         self._last_metrics: dict[str, float] = {}
 
+        for name in optimizers:
+            if not any(p.requires_grad for p in self.models[name].parameters()):
+                raise UsageError(f"model '{name}' has no trainable parameters",
+                                 hint="check which parts the recipe freezes")
         self._forwards = self._wrap({name: self.models[name] for name in optimizers})
         self._trained = {name: self._trained_model(name, settings) for name, settings in optimizers.items()}
         self.optimizers = {name: trained.optimizer for name, trained in self._trained.items()}
@@ -408,7 +415,7 @@ class MultiModelTrainer:
             return {
                 phase.name: DistributedDataParallel(
                     _PhaseForward({name: trained[name] for name in phase.updates}, self.models),
-                    device_ids=device_ids, find_unused_parameters=True)
+                    device_ids=device_ids, find_unused_parameters=phase.unused_parameters)
                 for phase in self.phases
             }
         root = _PhaseForward(trained, self.models)
@@ -416,8 +423,6 @@ class MultiModelTrainer:
 
     def _trained_model(self, name: str, settings: OptimizerConfig) -> _TrainedModel:
         named = [(n, p) for n, p in self.models[name].named_parameters() if p.requires_grad]
-        if not named:
-            raise UsageError(f"model '{name}' has no trainable parameters", hint="check which parts the recipe freezes")
         trained = _TrainedModel(self.models[name], settings, [n for n, _ in named], [p for _, p in named])
         groups = [{"params": [p for p in trained.params if p.ndim >= 2], "weight_decay": settings.weight_decay},
                   {"params": [p for p in trained.params if p.ndim < 2], "weight_decay": 0.0}]
@@ -600,9 +605,7 @@ class MultiModelTrainer:
             batch = _to_device(self.data(positions), self.device)
             seed_everything(derive_seed(cfg.seed, positions.start, 0))  # dropout & co.
             generator = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, positions.start, 1))
-            with self._sync_context(forward, micro == cfg.grad_accum - 1), warnings.catch_warnings():
-                # DDP's advice to drop find_unused_parameters does not apply: usage changes by phase.
-                warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified")
+            with self._sync_context(forward, micro == cfg.grad_accum - 1):
                 with autocast:
                     loss, metrics = forward(phase.loss_fn, batch, generator)
                 (loss / cfg.grad_accum).backward()
@@ -729,8 +732,9 @@ class Trainer(MultiModelTrainer):
         def model_loss(models: Mapping[str, nn.Module], batch: Any, generator: torch.Generator):
             return loss_fn(models[_ONLY_MODEL], batch, generator)
 
-        super().__init__({_ONLY_MODEL: model}, {_ONLY_MODEL: config}, [Phase("train", model_loss, (_ONLY_MODEL,))],
-                         data, config, out_dir, resume=resume, progress=progress, device=device)
+        phase = Phase("train", model_loss, (_ONLY_MODEL,), unused_parameters=False)
+        super().__init__({_ONLY_MODEL: model}, {_ONLY_MODEL: config}, [phase], data, config, out_dir,
+                         resume=resume, progress=progress, device=device)
 
     @property
     def model(self) -> nn.Module:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from neodragon_cli.errors import ArtifactError, UsageError
+from neodragon_cli.pipelines.train import distributed
 from neodragon_cli.pipelines.train.trainer import IndexedBatches, Trainer, TrainerConfig, latest_checkpoint, lr_at
 from trainer_toy import ToyMLP, make_trainer, sample
 
@@ -225,3 +227,14 @@ def test_loss_network_keeps_its_mode_and_weights(tmp_path):
     assert trainer.model.training and not judge.training
     assert torch.equal(judge.scale.detach(), torch.ones(3))
     assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(list(trainer.model.parameters()))
+
+
+def test_process_group_leaves_a_running_group_to_its_owner(tmp_path):
+    """`process_group` tears down only a group it started (the torchrun test checks that it does)."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="boom"), distributed.process_group():
+            raise RuntimeError("boom")
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

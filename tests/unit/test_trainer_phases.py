@@ -170,6 +170,9 @@ def test_refusals(tmp_path):
         build({"critic": OptimizerConfig(), "generator": OptimizerConfig()}, phases + phases[:1])
     with pytest.raises(UsageError, match="several models train"):
         build({"critic": OptimizerConfig(), "generator": OptimizerConfig()}).model_state_dict()
+    models["critic"].requires_grad_(False)
+    with pytest.raises(UsageError, match="model 'critic' has no trainable parameters"):
+        build({"critic": OptimizerConfig(), "generator": OptimizerConfig()})
 
     optimizers = {name: dict(lr=1e-2) for name in ("generator", "critic")}
     make_two_model_trainer(tmp_path / "run", {**LOOP, "max_steps": 2}, optimizers).fit()
