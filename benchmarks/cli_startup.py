@@ -2,7 +2,8 @@
 
 Runs each command N times as a fresh process, interleaved round by round with the floor of any Python
 tool (`python -c pass`), so all of them see the same machine load. Prints median and min wall time,
-the ratio of each median to the 0.5 s target and to the floor.
+the ratio of each median to the 0.5 s target and to the floor, and the median CPU time (user + system)
+of the process, which other work on a busy machine inflates less than the wall time.
 
     python benchmarks/cli_startup.py [--runs 10]
 """
@@ -10,6 +11,7 @@ the ratio of each median to the 0.5 s target and to the floor.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -25,10 +27,14 @@ def _neodragon() -> list[str]:
     return [script] if script else [sys.executable, "-c", "from neodragon_cli.app import main; main()"]
 
 
-def _wall(argv: list[str]) -> float:
+def _run(argv: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of one run of `argv`."""
+    cpu_before = os.times()
     start = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    cpu_after = os.times()
+    return wall, (cpu_after.children_user - cpu_before.children_user) + (cpu_after.children_system - cpu_before.children_system)
 
 
 def main() -> None:
@@ -41,15 +47,19 @@ def main() -> None:
         "neodragon --version": cli + ["--version"],
         "neodragon --help": cli + ["--help"],
     }
-    times: dict[str, list[float]] = {name: [] for name in commands}
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    cpus: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.runs):
         for name, argv in commands.items():
-            times[name].append(_wall(argv))
-    floor = statistics.median(times["python -c pass"])
-    print(f"{'command':<22}{'median s':>10}{'min s':>9}{'/ target':>10}{'/ floor':>9}")
-    for name, samples in times.items():
+            wall, cpu = _run(argv)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    floor = statistics.median(walls["python -c pass"])
+    print(f"{'command':<22}{'median s':>10}{'min s':>9}{'/ target':>10}{'/ floor':>9}{'cpu s':>8}")
+    for name, samples in walls.items():
         median = statistics.median(samples)
-        print(f"{name:<22}{median:>10.3f}{min(samples):>9.3f}{median / TARGET_SECONDS:>10.2f}{median / floor:>9.1f}")
+        cpu = statistics.median(cpus[name])
+        print(f"{name:<22}{median:>10.3f}{min(samples):>9.3f}{median / TARGET_SECONDS:>10.2f}{median / floor:>9.1f}{cpu:>8.3f}")
     print(f"({args.runs} runs each; target {TARGET_SECONDS} s: a ratio under 1.00 meets it)")
 
 
