@@ -254,8 +254,8 @@ class _TrainedModel:
     config: OptimizerConfig
     names: list[str]
     params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer | None = None
-    ema: list[torch.Tensor] | None = None
+    optimizer: torch.optim.Optimizer
+    ema: list[torch.Tensor] | None
 
 
 class _PhaseForward(nn.Module):
@@ -423,15 +423,14 @@ class MultiModelTrainer:
 
     def _trained_model(self, name: str, settings: OptimizerConfig) -> _TrainedModel:
         named = [(n, p) for n, p in self.models[name].named_parameters() if p.requires_grad]
-        trained = _TrainedModel(self.models[name], settings, [n for n, _ in named], [p for _, p in named])
-        groups = [{"params": [p for p in trained.params if p.ndim >= 2], "weight_decay": settings.weight_decay},
-                  {"params": [p for p in trained.params if p.ndim < 2], "weight_decay": 0.0}]
+        params = [p for _, p in named]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
         optimizer_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-        trained.optimizer = optimizer_cls([g for g in groups if g["params"]], lr=self._lr(settings, 0),
-                                          betas=tuple(settings.betas), eps=settings.eps)
-        if settings.ema is not None:
-            trained.ema = [p.detach().clone() for p in trained.params]
-        return trained
+        optimizer = optimizer_cls([g for g in groups if g["params"]], lr=self._lr(settings, 0),
+                                  betas=tuple(settings.betas), eps=settings.eps)
+        ema = [p.detach().clone() for p in params] if settings.ema is not None else None
+        return _TrainedModel(self.models[name], settings, [n for n, _ in named], params, optimizer, ema)
 
     def _lr(self, settings: OptimizerConfig, step: int) -> float:
         return lr_at(step, settings, self.config.max_steps)

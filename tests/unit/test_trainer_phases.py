@@ -13,6 +13,7 @@ import torch
 from neodragon_cli.errors import CheckpointError, UsageError
 from neodragon_cli.pipelines.train.trainer import (
     CHECKPOINT_FORMAT,
+    IndexedBatches,
     LoopConfig,
     MultiModelTrainer,
     OptimizerConfig,
@@ -20,7 +21,7 @@ from neodragon_cli.pipelines.train.trainer import (
     latest_checkpoint,
     lr_at,
 )
-from trainer_toy import IndexedBatches, ToyCritic, ToyMLP, make_phases, make_teacher, make_two_model_trainer, sample
+from trainer_toy import ToyCritic, ToyMLP, make_phases, make_teacher, make_two_model_trainer, sample
 
 LOOP = dict(seed=5, max_steps=8, batch_size=8, grad_accum=2, checkpoint_every=3, log_every=1)
 OPTIMIZERS = {
