@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from neodragon_cli.errors import CheckpointError, UsageError
-from neodragon_cli.paths import check_creatable
+from neodragon_cli.paths import check_output_file
 
 components_app = typer.Typer(help="The component registry: what can be loaded, and what a checkpoint holds.", no_args_is_help=True)
 
@@ -73,7 +73,7 @@ def inspect(
     if not path.exists():
         raise UsageError(f"{path} does not exist", hint="give a checkpoint folder or file")
     if json_out is not None and str(json_out) != "-":
-        check_creatable(json_out)
+        check_output_file(json_out)
     found = registry.detect(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES)
     params, dtypes = _tensor_summary(files)

@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from neodragon_cli.errors import UsageError
-from neodragon_cli.paths import check_creatable
+from neodragon_cli.paths import check_output_file
 
 METRICS = ("judge", "psnr", "ssim", "lpips")
 
@@ -198,7 +198,7 @@ def eval_command(
         raise UsageError(f"reference folder {reference} does not exist")
     thresholds = _parse_thresholds(fail_under, chosen)
     if json_out is not None and str(json_out) != "-":
-        check_creatable(json_out)
+        check_output_file(json_out)
     lpips_model = None
     if "lpips" in chosen:
         if lpips_weights is None:

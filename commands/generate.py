@@ -20,7 +20,7 @@ import typer
 
 from neodragon_cli.artifacts import resolve_model
 from neodragon_cli.errors import UsageError
-from neodragon_cli.paths import check_creatable, check_new_output
+from neodragon_cli.paths import check_new_output, check_output_file
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -163,7 +163,7 @@ def generate(
     seed = run.seed if seed is None else seed
     paths, fmt = _outputs(out, prompts, format or (None if recipe is None else run.format), prompt is not None, overwrite)
     if json_path is not None:
-        check_creatable(json_path)
+        check_output_file(json_path)
 
     pipe = VideoPipeline.from_pretrained(model_dir, mode=cli.mode or run.sampling.mode)
     settings = pipe.settings(run.sampling, cli)

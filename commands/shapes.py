@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from neodragon_cli.errors import ArtifactError, UsageError
-from neodragon_cli.paths import check_creatable
+from neodragon_cli.paths import check_creatable, check_output_file
 
 shapes_app = typer.Typer(help="The Shapes world: sample captioned clips, write prompt corpora.", no_args_is_help=True)
 
@@ -76,7 +76,7 @@ def prompts(
 
     _check_split(split)
     if str(out) != "-":
-        check_creatable(out)
+        check_output_file(out)
     text = "\n".join(prompt_corpus(count, seed=seed, split=split)) + "\n"
     if str(out) == "-":
         typer.echo(text, nl=False)

@@ -27,6 +27,14 @@ def check_creatable(path: str | Path) -> Path:
     return path
 
 
+def check_output_file(path: str | Path) -> Path:
+    """`check_creatable`, and refuse a `path` that is an existing folder (a report or text file output)."""
+    path = check_creatable(path)
+    if path.is_dir():
+        raise ArtifactError(f"cannot write {path}: it is a folder", hint="give a file path")
+    return path
+
+
 def check_new_output(path: str | Path, overwrite: bool) -> Path:
     """`check_creatable`, and refuse an existing `path` unless `overwrite`."""
     path = check_creatable(path)

@@ -5,6 +5,7 @@ value exits 2 with the usage line; an output path that cannot be written, or an 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -80,13 +81,14 @@ def test_generate_output_under_a_file_is_refused_before_loading(no_model_loading
     _refused(result, "is a file")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a user that file permissions apply to")
-def test_generate_output_in_a_read_only_folder_is_refused_before_loading(no_model_loading, tmp_path):
+def test_generate_output_in_a_read_only_folder_is_refused_before_loading(no_model_loading, tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
+    real_access = os.access  # root may write anyway: the folder reads as read-only to the check all the same
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
     try:
-        _refused(runner.invoke(app, ["generate", "a red circle", "-o", str(locked / "new" / "out.mp4")]), "not writable")
+        _refused(runner.invoke(app, ["generate", "a red circle", "-o", str(locked / "new" / "out.mp4")]), "not writable", str(locked))
     finally:
         locked.chmod(0o755)
 
@@ -115,3 +117,8 @@ def test_reports_and_folders_under_a_file_are_refused(a_file, tmp_path):
     _refused(runner.invoke(app, ["shapes", "sample", str(a_file / "clips"), "-n", "1"]), "is a file")
     _refused(runner.invoke(app, ["components", "inspect", str(tmp_path), "--json", str(a_file / "c.json")]), "is a file")
     _refused(runner.invoke(app, ["train", "shapes/teacher_vae", "-o", str(a_file / "vae")]), "is a file")
+
+
+def test_a_report_where_a_folder_is_is_refused(tmp_path):
+    _refused(runner.invoke(app, ["shapes", "prompts", str(tmp_path), "-n", "3"]), "is a folder")
+    _refused(runner.invoke(app, ["components", "inspect", str(tmp_path), "--json", str(tmp_path)]), "is a folder")
