@@ -6,7 +6,8 @@
 Settings are layered: the model's defaults (its pipeline.json, or the shipped neodragon/* and
 pyramid_flow/* recipes for the published layouts) < `--recipe` (+ `--set key=value`) < options.
 Every video gets a metadata JSON beside it (prompt, seed, settings, model and component content
-hashes, per-component time); files appear only when complete.
+hashes, per-component time); files appear only when complete. An existing video is replaced only
+with --overwrite, and every output path is checked before a model is loaded.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def prediction_type(model) -> str:
     return model.config["prediction"]
 
 
-# ---------------------------------------------------------------------- configuration and events
+# ---------------------------------------------------------------------- presets (SamplingConfig: settings.py) and events
 
 
 HYBRID = SamplingConfig(first_steps=(1, 1, 1), video_steps=(1, 1, 1), guidance=0.0, video_guidance=0.0)
