@@ -174,5 +174,5 @@ class GenerateRecipe:
     seed: int = setting(0, "random seed (same seed, same video)")
     format: Literal["mp4", "png", "gif"] = setting("mp4", "output format")
     sampling: GenerationSettings = field(
-        default_factory=GenerationSettings, metadata={"doc": "sampling settings; unset keys keep the model's defaults"}
+        default_factory=GenerationSettings, metadata={"doc": "sampling settings; unset keys keep the model's defaults (else SamplingConfig's)"}
     )
