@@ -71,6 +71,9 @@ def schemas() -> dict[str, type]:
 
 
 def schema_for(command: str) -> type:
+    """The schema of `command` (the schema modules are imported only when it is not registered yet)."""
+    if command in _SCHEMAS:
+        return _SCHEMAS[command]
     known = schemas()
     if command not in known:
         raise UnknownNameError(
@@ -366,7 +369,8 @@ def validate(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = 
 
 
 def command_of(obj) -> str:
-    for name, cls in schemas().items():
+    """The command whose schema `obj` is an instance of (a registered schema, so no imports needed)."""
+    for name, cls in _SCHEMAS.items():
         if type(obj) is cls:
             return name
     raise KeyError(type(obj).__name__)
