@@ -54,8 +54,8 @@ _COMMANDS: dict[str, TrainingCommand] = {}
 
 def training_command(name: str, schema: type) -> Callable[[RunFn], RunFn]:
     """Register `run(recipe, out, *, recipe_yaml, resume, overwrite) -> TrainingOutcome` as the training
-    command `name`, and `schema` as its recipe schema. Under torchrun the registered run holds the
-    process group from its start and tears it down on every exit path."""
+    command `name`, and `schema` as its recipe schema. Under torchrun the registered run starts the
+    process group and tears it down on every exit path (`distributed.process_group`)."""
     recipe_schema(name)(schema)
 
     def register(run: RunFn) -> RunFn:
@@ -63,11 +63,8 @@ def training_command(name: str, schema: type) -> Callable[[RunFn], RunFn]:
         def in_process_group(*args, **kwargs) -> TrainingOutcome:
             from neodragon_cli.pipelines.train import distributed
 
-            distributed.setup()
-            try:
+            with distributed.process_group():
                 return run(*args, **kwargs)
-            finally:
-                distributed.teardown()
 
         _COMMANDS[name] = TrainingCommand(name, schema, in_process_group)
         return in_process_group

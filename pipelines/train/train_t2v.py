@@ -49,7 +49,7 @@ from neodragon_cli.pipelines.models.text_encoders import (
     t5_config,
 )
 from neodragon_cli.pipelines.train import TrainingOutcome, copy_metrics, distributed, training_command
-from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed, latest_checkpoint
+from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed, latest_checkpoint, seed_everything
 from neodragon_cli.recipes import setting
 
 T = TypeVar("T")
@@ -319,6 +319,7 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
     vae = CausalVideoVAE.from_pretrained(vae_dir / "vae").eval()
     norm = LatentNorm(**json.loads((vae_dir / "latent_norm.json").read_text()))
     latents, images, norm = _rank_zero_first(lambda: _prepare_work(recipe, vae, norm, work))
+    seed_everything(recipe.train.seed)  # the initial weights too follow the recipe's seed
     model = build_t2v(recipe, work / "tokenizer")
     trainer = Trainer(model, t2v_loss(recipe), _batches(recipe, latents, images), recipe.train, work / "run", resume=resume)
     result = trainer.fit()

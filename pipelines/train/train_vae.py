@@ -31,7 +31,7 @@ from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
 from neodragon_cli.pipelines.models.latents import LatentNorm
 from neodragon_cli.pipelines.train import TrainingOutcome, copy_metrics, training_command
 from neodragon_cli.pipelines.train.critic import FrameCritic, VAEWithCritic, adversarial_loss
-from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig
+from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, seed_everything
 from neodragon_cli.recipes import setting
 
 
@@ -293,6 +293,7 @@ def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bo
     work = out.with_name(out.name + ".work")
     if not recipe.model.train_encoder:
         _parent_norm_file(recipe.model.init)  # fail before training, not after
+    seed_everything(recipe.train.seed)  # the initial weights too follow the recipe's seed
     vae = recipe.model.build().to(memory_format=torch.channels_last_3d)
     model = VAEWithCritic(vae, FrameCritic()) if recipe.loss.adversarial else vae
     sample = _clip_sampler(recipe)
