@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from neodragon_cli.artifacts import resolve_model
+from neodragon_cli import __version__
+from neodragon_cli.artifacts import folder_hash, resolve_model, sha256_file
+from neodragon_cli.atomic import write_json
 from neodragon_cli.errors import UsageError
 from neodragon_cli.paths import check_new_output, check_output_file
 
@@ -98,8 +100,6 @@ def _outputs(out: Path, prompts: list[str], fmt: str | None, single: bool, overw
 
 
 def _component_hashes(pipe: VideoPipeline, cache: dict) -> dict[str, str]:
-    from neodragon_cli.artifacts import folder_hash, sha256_file
-
     if not cache:
         for role, path in pipe.component_paths.items():
             cache[role] = sha256_file(path) if path.is_file() else folder_hash(path)
@@ -143,7 +143,6 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output videos."),
 ) -> None:
     """Generate videos from text prompts (or a first frame) with a pyramidal-flow video model."""
-    from neodragon_cli.atomic import write_json
     from neodragon_cli.pipelines.flow.pipeline import VideoPipeline, load_image
     from neodragon_cli.pipelines.flow.settings import GenerateRecipe
 
@@ -182,8 +181,6 @@ def _generate_one(pipe, prompt, settings, seed, image, path: Path, fmt, model_di
 
     import torch
 
-    import neodragon_cli
-    from neodragon_cli.atomic import write_json
     from neodragon_cli.console import console, progress
     from neodragon_cli.pipelines.data.video_io import VideoWriter
     from neodragon_cli.pipelines.flow.pipeline import Profiler
@@ -215,7 +212,7 @@ def _generate_one(pipe, prompt, settings, seed, image, path: Path, fmt, model_di
         "latent_frames": num_latents,
         "model": {"path": str(model_dir), "name": pipe.name, "components": _component_hashes(pipe, hashes)},
         "timing": {"wall_seconds": wall, "components": profiler.as_dict()},
-        "neodragon_version": neodragon_cli.__version__,
+        "neodragon_version": __version__,
         "torch_version": torch.__version__,
         "platform": platform.platform(),
     }
