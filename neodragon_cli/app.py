@@ -45,6 +45,7 @@ def _print_error(text: str) -> None:
 
 
 def _build_app():
+    """The typer app with every command module's commands registered (built once)."""
     if "app" in globals():
         return globals()["app"]
     import typer
