@@ -259,6 +259,7 @@ def _check_resume(work: Path, recipe: TrainT2VRecipe, resume: bool) -> None:
 
 
 def _stored_prediction(work: Path) -> str:
+    """What the work folder's MMDiT predicts (no record: velocity, as before the option)."""
     path = work / "prediction.json"
     return json.loads(path.read_text())["prediction"] if path.is_file() else "velocity"
 
@@ -270,8 +271,7 @@ def _prepare_work(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm,
     images or None) and the latent normalisation the pipeline ships (with the whitening when used).
     Where the folder holds them already, as on the ranks after rank 0, this only reads."""
     work.mkdir(parents=True, exist_ok=True)
-    if latest_checkpoint(work / "run") is None and (
-            not (work / "prediction.json").is_file() or _stored_prediction(work) != recipe.mmdit.prediction):
+    if latest_checkpoint(work / "run") is None and _stored_prediction(work) != recipe.mmdit.prediction:
         write_json(work / "prediction.json", {"prediction": recipe.mmdit.prediction})
     tokenizer_dir = work / "tokenizer"
     if not (tokenizer_dir / "spiece.model").is_file():
