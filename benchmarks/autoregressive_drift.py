@@ -21,7 +21,8 @@ import argparse
 import numpy as np
 import torch
 
-from neodragon_cli.commands.generate import DEFAULT_MODEL, resolve_model
+from neodragon_cli.artifacts import resolve_model
+from neodragon_cli.commands.generate import DEFAULT_MODEL
 from neodragon_cli.pipelines.data.shapes import ShapesVideoDataset, ShapesWorld
 from neodragon_cli.pipelines.flow.pipeline import Profiler, VideoPipeline
 from neodragon_cli.pipelines.flow.sampler import PyramidSampler, SamplingConfig, SeededNoise, mmdit_denoiser, prediction_type

@@ -37,14 +37,17 @@ def _tensor_summary(files: list[Path]) -> tuple[int, Counter]:
         if f.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    sl = fh.get_slice(key)
-                    n = 1
-                    for s in sl.get_shape():
-                        n *= s
-                    total += n
-                    dtypes[sl.get_dtype()] += n
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    for key in fh.keys():
+                        sl = fh.get_slice(key)
+                        n = 1
+                        for s in sl.get_shape():
+                            n *= s
+                        total += n
+                        dtypes[sl.get_dtype()] += n
+            except Exception as exc:  # safetensors raises its own error type for a damaged header
+                raise CheckpointError(f"{f} is not a valid checkpoint file ({exc})") from None
         else:
             from neodragon_cli.pipelines.models.checkpoint import read_state_dict
 

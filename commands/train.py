@@ -11,11 +11,6 @@ from pathlib import Path
 
 import typer
 
-from neodragon_cli import recipes as R
-from neodragon_cli.artifacts import check_output_dir
-from neodragon_cli.console import console
-from neodragon_cli.errors import UsageError
-
 
 def train(
     recipe: str = typer.Argument(..., help="A train-vae or train-t2v recipe (shipped name or YAML path)."),
@@ -27,6 +22,10 @@ def train(
     """Train a Shapes-teacher stage. Checkpoints go to OUT.work/ (Ctrl-C saves one; --resume continues
     exactly); the finished artifact (weights, recipe.yaml, metrics.jsonl, state.json) goes to OUT.
     Under `torchrun --nproc_per_node N` the ranks share each batch; rank 0 writes the files."""
+    from neodragon_cli import recipes as R
+    from neodragon_cli.artifacts import check_output_dir
+    from neodragon_cli.console import console
+    from neodragon_cli.errors import UsageError
     from neodragon_cli.pipelines.train import training_commands
 
     commands = training_commands()  # registers their recipe schemas before the recipe is read

@@ -39,6 +39,7 @@ from typing import Any
 
 from neodragon_cli.atomic import write_json, write_text
 from neodragon_cli.errors import ArtifactError, UsageError
+from neodragon_cli.paths import check_creatable
 
 FORMAT = "neodragon-artifact/2"
 _LEGACY_FORMAT = "neodragon-artifact/1"
@@ -238,19 +239,14 @@ def resolve_model(model: str | Path) -> Path:
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty `out` unless `overwrite`, and an `out` whose folder cannot be created
-    (checked before any work starts)."""
+    """Refuse a non-empty `out` unless `overwrite`, and an `out` that cannot be created (checked
+    before any work starts)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output {out} exists and is not a folder", hint="choose another -o path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ArtifactError(f"output folder {out} is not empty", hint="pass --overwrite or choose another -o path")
-    for ancestor in [out.parent, *out.parent.parents]:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise ArtifactError(f"cannot create {out}: {ancestor} is a file", hint="choose another -o path")
-            break
-    return out
+    return check_creatable(out)
 
 
 class ArtifactWriter:

@@ -20,6 +20,7 @@ import torch
 
 from neodragon_cli.atomic import save_safetensors, write_json
 from neodragon_cli.console import console, progress
+from neodragon_cli.errors import CheckpointError
 from neodragon_cli.pipelines.data.shapes import SIZES, Scene, ShapesVideoDataset, ShapesWorld, video_tensor
 from neodragon_cli.pipelines.data.world_section import WorldSection
 from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
@@ -73,15 +74,19 @@ def _cached_latents(path: Path, count: int, chunk: int, what: str, source: dict[
     if path.is_file():
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as cache:
-            stored = cache.metadata() or {}
-            if stored == source:
-                parts.append(cache.get_tensor("latents")[:count])
-            elif not stored:
-                console.print(f"{path.name} has no record of what it was encoded from: encoding again")
-            else:
-                changed = sorted(k for k in source.keys() | stored.keys() if source.get(k) != stored.get(k))
-                console.print(f"{path.name} was encoded from other settings ({', '.join(changed)}): encoding again")
+        try:
+            with safe_open(str(path), "pt") as cache:
+                stored = cache.metadata() or {}
+                if stored == source:
+                    parts.append(cache.get_tensor("latents")[:count])
+        except Exception as exc:  # safetensors raises its own error type for a damaged file
+            raise CheckpointError(f"latent cache {path} is not a valid safetensors file ({exc})",
+                                  hint="delete it to encode the cache again") from None
+        if not stored:
+            console.print(f"{path.name} has no record of what it was encoded from: encoding again")
+        elif stored != source:
+            changed = sorted(k for k in source.keys() | stored.keys() if source.get(k) != stored.get(k))
+            console.print(f"{path.name} was encoded from other settings ({', '.join(changed)}): encoding again")
     done = len(parts[0]) if parts else 0
     if done == count:
         return parts[0].float()

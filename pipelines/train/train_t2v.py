@@ -37,6 +37,7 @@ from neodragon_cli.pipelines.data.world_section import WorldSection
 from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
 from neodragon_cli.pipelines.flow.pipeline import PIPELINE_FILE, PIPELINE_FORMAT
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
+from neodragon_cli.pipelines.flow.settings import GenerationSettings, SamplingConfig
 from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
 from neodragon_cli.pipelines.models.latents import LatentNorm, normalize
 from neodragon_cli.pipelines.models.mmdit import PyramidFlowMMDiT
@@ -96,15 +97,6 @@ class T2VDataSection:
 
 
 @dataclass
-class SamplingSection:
-    steps: list[int] = setting([10, 10, 10], "default steps per pyramid stage of the shipped pipeline")
-    first_frame_steps: list[int] = setting([10, 10, 10], "steps per stage for the first latent frame")
-    guidance: float = setting(7.0, "first-frame classifier-free guidance")
-    video_guidance: float = setting(5.0, "later-frames classifier-free guidance")
-    history_noise: float = setting(0.0, "noise mixed into the history frames when sampling (within flow.corrupt_ratio)")
-
-
-@dataclass
 class TrainT2VRecipe:
     """Stage 2 of the Shapes teacher: text encoders + pyramidal MMDiT."""
 
@@ -113,7 +105,7 @@ class TrainT2VRecipe:
     text: TextSection = field(default_factory=TextSection, metadata={"doc": "text encoders"})
     mmdit: MMDiTSection = field(default_factory=MMDiTSection, metadata={"doc": "the denoiser"})
     flow: FlowSection = field(default_factory=FlowSection, metadata={"doc": "pyramid flow matching"})
-    sampling: SamplingSection = field(default_factory=SamplingSection, metadata={"doc": "defaults of the shipped pipeline"})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"doc": "sampling defaults of the shipped pipeline"})
     train: TrainerConfig = field(default_factory=TrainerConfig, metadata={"doc": "the trainer"})
 
     def validate(self) -> list[str]:
@@ -134,8 +126,6 @@ class TrainT2VRecipe:
             problems.append("data.image_share > 0 needs data.images > 0 (the image cache it draws from)")
         if self.data.whiten_floor <= 0:
             problems.append(f"data.whiten_floor must be > 0, got {self.data.whiten_floor}")
-        if not 0 <= self.sampling.history_noise < 1:
-            problems.append(f"sampling.history_noise must be in [0, 1), got {self.sampling.history_noise}")
         return problems
 
 
@@ -328,7 +318,6 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
     if not trainer.env.is_main:
         return TrainingOutcome(result.step, work, artifact=out)
     model = trainer.model.eval()
-    s = recipe.sampling
     spec = {
         "format": PIPELINE_FORMAT,
         "components": {
@@ -337,12 +326,10 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
             "vae": {"component": "vae/pyramid-flow", "path": "vae"},
         },
         "latent_norm": norm.to_dict(),
-        "sampling": {
-            "mode": "monolithic", "video_steps": list(s.steps), "first_steps": list(s.first_frame_steps),
-            "guidance": s.guidance, "video_guidance": s.video_guidance, "history_noise": s.history_noise, "frames": recipe.world.frames,
-            "height": recipe.world.height, "width": recipe.world.width, "fps": 24, "sr": False,
-            "negative_prompt": "",
-        },
+        "sampling": GenerationSettings.from_config(
+            recipe.sampling, mode="monolithic", frames=recipe.world.frames, height=recipe.world.height,
+            width=recipe.world.width, fps=24, sr=False, negative_prompt="",
+        ).as_dict(),
     }
     with ArtifactWriter(out, command="train-t2v", recipe_yaml=recipe_yaml, parent=vae_dir, overwrite=overwrite) as art:
         model.text_encoder.save_pretrained(art.path / "text")

@@ -62,7 +62,7 @@ def test_non_empty_output_refused_unless_overwrite(tmp_path):
 
 def test_output_under_a_file_is_refused_before_work(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ArtifactError, match="is a file"):
+    with pytest.raises(ArtifactError, match="is a file, not a folder"):
         ArtifactWriter(tmp_path / "file" / "sub" / "out", command="prune")
 
 
