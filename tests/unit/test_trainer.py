@@ -18,7 +18,7 @@ import torch.distributed as dist
 from neodragon_cli.errors import ArtifactError, UsageError
 from neodragon_cli.pipelines.train import distributed
 from neodragon_cli.pipelines.train.trainer import IndexedBatches, Trainer, TrainerConfig, latest_checkpoint, lr_at
-from trainer_toy import ToyMLP, make_trainer, sample
+from trainer_toy import assert_tree_equal, read_metrics, ToyMLP, make_trainer, sample
 
 TOY_SCRIPT = Path(__file__).with_name("trainer_toy.py")
 
@@ -39,32 +39,12 @@ def _checkpoint(out: Path) -> dict:
     return torch.load(latest_checkpoint(out), weights_only=True)
 
 
-def _assert_tree_equal(a, b, path="state"):
-    """Bit-identical nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{path} keys differ"
-        for key in a:
-            _assert_tree_equal(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path} lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tree_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _assert_same_run(reference: Path, resumed: Path):
     ref, res = _checkpoint(reference), _checkpoint(resumed)
     assert ref["step"] == res["step"] == FULL["max_steps"]
     for part in ("models", "optimizers", "ema"):
-        _assert_tree_equal(ref[part], res[part], part)
-    ref_lines, res_lines = _metrics(reference), _metrics(resumed)
+        assert_tree_equal(ref[part], res[part], part)
+    ref_lines, res_lines = read_metrics(reference), read_metrics(resumed)
     assert [m["step"] for m in res_lines] == list(range(1, FULL["max_steps"] + 1))
     for a, b in zip(ref_lines, res_lines):
         assert (a["loss"], a["lr"], a["grad_norm"], a["target_abs"]) == (b["loss"], b["lr"], b["grad_norm"], b["target_abs"])
@@ -86,7 +66,7 @@ def test_resume_after_stop_is_bit_identical(tmp_path):
     # A different initialisation: only the checkpoint can make the weights agree.
     trainer = make_trainer(resumed, FULL, model_seed=99, resume=True)
     assert trainer.step == 4
-    assert [m["step"] for m in _metrics(resumed)] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3, 4]
     assert trainer.fit().step == 10
     _assert_same_run(reference, resumed)
 
@@ -123,7 +103,7 @@ def test_resume_after_real_sigterm_is_bit_identical(tmp_path):
     assert proc.returncode == 0, output
     stopped_at = _checkpoint(resumed)["step"]
     assert 2 <= stopped_at < FULL["max_steps"]
-    assert [m["step"] for m in _metrics(resumed)] == list(range(1, stopped_at + 1))
+    assert [m["step"] for m in read_metrics(resumed)] == list(range(1, stopped_at + 1))
 
     trainer = make_trainer(resumed, FULL, model_seed=99, resume=True)
     assert trainer.step == stopped_at
@@ -169,13 +149,13 @@ def test_lr_schedule_matches_torch_schedulers(tmp_path, schedule):
     trainer = make_trainer(tmp_path, config)
     trainer.fit(on_step_end=lambda t, s: used.append(t.optimizer.param_groups[0]["lr"]))
     assert used == pytest.approx(expected, rel=1e-12)
-    assert [m["lr"] for m in _metrics(tmp_path)] == pytest.approx(expected, rel=1e-12)
+    assert [m["lr"] for m in read_metrics(tmp_path)] == pytest.approx(expected, rel=1e-12)
 
 
 def test_metrics_lines_and_bf16(tmp_path):
     trainer = make_trainer(tmp_path, dict(max_steps=5, batch_size=4, log_every=2, precision="bf16", checkpoint_every=0))
     result = trainer.fit()
-    lines = _metrics(tmp_path)
+    lines = read_metrics(tmp_path)
     assert [m["step"] for m in lines] == [2, 4, 5]  # every log_every, and the last update
     for line in lines:
         assert {"step", "loss", "lr", "it_s", "elapsed_s", "grad_norm", "target_abs"} <= set(line)

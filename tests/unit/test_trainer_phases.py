@@ -4,7 +4,6 @@ learning rates and clipping, per-phase metrics, and refusals."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from neodragon_cli.pipelines.train.trainer import (
     latest_checkpoint,
     lr_at,
 )
-from trainer_toy import ToyCritic, ToyMLP, make_phases, make_teacher, make_two_model_trainer, sample
+from trainer_toy import assert_tree_equal, read_metrics, ToyCritic, ToyMLP, make_phases, make_teacher, make_two_model_trainer, sample
 
 LOOP = dict(seed=5, max_steps=8, batch_size=8, grad_accum=2, checkpoint_every=3, log_every=1)
 OPTIMIZERS = {
@@ -36,26 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _assert_tree_equal(a, b, path="state"):
-    """Bit-identical nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{path} keys differ"
-        for key in a:
-            _assert_tree_equal(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path} lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_tree_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _checkpoint(out: Path) -> dict:
@@ -83,8 +62,8 @@ def test_two_model_run_stopped_and_resumed_is_bit_identical(tmp_path):
     assert set(ref["models"]) == set(ref["optimizers"]) == {"generator", "critic"}  # not the frozen teacher
     assert set(ref["ema"]) == {"generator"}
     for part in ("models", "optimizers", "ema", "phases"):
-        _assert_tree_equal(ref[part], res[part], part)
-    ref_lines, res_lines = _metrics(reference), _metrics(resumed)
+        assert_tree_equal(ref[part], res[part], part)
+    ref_lines, res_lines = read_metrics(reference), read_metrics(resumed)
     assert [m["step"] for m in res_lines] == list(range(1, 9))
     for a, b in zip(ref_lines, res_lines):
         assert {k: v for k, v in a.items() if k not in ("it_s", "elapsed_s")} == \
@@ -105,7 +84,7 @@ def test_update_ratio_and_frozen_teacher(tmp_path):
         assert states and all(int(s["step"]) == updates for s in states)
     assert set(trainer.optimizers) == {"generator", "critic"}
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    _assert_tree_equal(before, teacher.state_dict(), "teacher")  # weights and batch-norm statistics
+    assert_tree_equal(before, teacher.state_dict(), "teacher")  # weights and batch-norm statistics
     # The critic's aux head gets gradients only where the critic is idle: it never moves, and Adam
     # keeps no state for it; the rest of the critic trained.
     critic = trainer.models["critic"]
@@ -137,7 +116,7 @@ def test_per_model_learning_rates_and_clipping(tmp_path):
     assert lrs["critic"] == pytest.approx([lr for lr in expected["critic"] for _ in range(2)], rel=1e-12)
     assert expected["generator"][:2] == pytest.approx([1e-2, 2e-2]) and expected["critic"][-1] > 1e-3
 
-    lines = _metrics(tmp_path)
+    lines = read_metrics(tmp_path)
     assert [m["lr/critic"] for m in lines] == pytest.approx(expected["critic"], rel=1e-12)
     assert [m["lr/generator"] for m in lines] == pytest.approx(expected["generator"], rel=1e-12)
     clip = optimizers["critic"]["grad_clip"]

@@ -51,6 +51,26 @@ class ToyMLP(nn.Module):
         return self.blocks[1](self.dropout(nn.functional.gelu(self.blocks[0](x))))
 
 
+def assert_tree_equal(a, b, path="state"):
+    """Bit-identical nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path} keys differ"
+        for key in a:
+            assert_tree_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path} lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tree_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def sample(index: int) -> dict[str, torch.Tensor]:
     """Sample `index` of a fixed dataset: x ~ N(0, 1), y = x @ TARGET."""
     x = torch.randn(IN, generator=torch.Generator().manual_seed(index))
