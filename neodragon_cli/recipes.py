@@ -38,6 +38,7 @@ _SCHEMAS: dict[str, type] = {}
 SCHEMA_MODULES = (
     "neodragon_cli.pipelines.flow.settings",  # generate
     "neodragon_cli.pipelines.train",  # one module per training command
+    "neodragon_cli.pipelines.distill",  # the optimisation commands that train
 )
 
 

@@ -1,0 +1,1 @@
+"""Deployment: static graphs (export), quantization and profiling."""
