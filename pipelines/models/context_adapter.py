@@ -18,8 +18,11 @@ Text-encoder distillation trains a student text path in one of these modes (`Stu
   teacher's context embedder. This is the published inference layout.
 * EM (extend mode): student (frozen) -> ContextAdapter to the teacher text width -> the teacher's
   frozen context embedder (`ExtendedContextAdapter`); foldable into an RM adapter afterwards.
-* LORA: RM with low-rank adapters on the student's linear layers (`add_lora`), base weights frozen.
-* TDT5: RM with the whole student trained.
+* LORA: low-rank adapters on the student's linear layers (`add_lora`), base weights frozen.
+* TDT5: the whole student trained.
+
+LORA and TDT5 either keep an RM ContextAdapter or, as in the paper's Table 2 (DistilT5 + the
+context embedder, no MLP adapter), feed the student's output to the teacher's frozen context embedder.
 """
 
 from __future__ import annotations
@@ -231,18 +234,20 @@ TEXT_DISTILL_MODES = ("RM", "EM", "LORA", "TDT5")
 
 
 class StudentTextPath(nn.Module):
-    """Student text encoder -> adapter: input ids [B, L], attention mask [B, L] -> [B, L, MMDiT width].
+    """Student text encoder -> head: input ids [B, L], attention mask [B, L] -> [B, L, MMDiT width].
 
     `student` is any module mapping (input_ids, attention_mask) to [B, L, D] (T5TextEncoder, DistilT5).
-    The mode decides what trains (see the module docstring); `trainable_parameters()` lists it. A
-    frozen student is kept in eval mode (no dropout) even when the path is put in training mode.
+    The head is the `adapter` (RM, and LORA / TDT5 with an adapter), the adapter followed by the
+    frozen `context_embedder` (EM), or the frozen `context_embedder` alone (LORA / TDT5 with
+    `adapter=None`). The mode decides what trains (see the module docstring); `trainable_parameters()`
+    lists it. A frozen student is kept in eval mode (no dropout) even when the path is put in training mode.
     """
 
     def __init__(
         self,
         mode: str,
         student: nn.Module,
-        adapter: ContextAdapter,
+        adapter: ContextAdapter | None,
         *,
         context_embedder: nn.Linear | None = None,
         lora_rank: int = 8,
@@ -253,11 +258,18 @@ class StudentTextPath(nn.Module):
         mode = mode.upper()
         if mode not in TEXT_DISTILL_MODES:
             raise UsageError(f"unknown text-distillation mode '{mode}'", hint=f"known modes: {', '.join(TEXT_DISTILL_MODES)}")
-        if (mode == "EM") != (context_embedder is not None):
-            raise UsageError("extend mode (EM) needs the teacher's context embedder; the other modes take none")
+        if adapter is None and mode in ("RM", "EM"):
+            raise UsageError(f"{mode} trains a ContextAdapter: give one")
+        if (mode == "EM" or adapter is None) != (context_embedder is not None):
+            raise UsageError(
+                "extend mode (EM) and an adapter-free LORA / TDT5 need the teacher's context embedder; the other cases take none"
+            )
         self.mode = mode
         self.student = student
-        self.adapter = ExtendedContextAdapter(adapter, context_embedder) if mode == "EM" else adapter
+        if mode == "EM":
+            self.adapter = ExtendedContextAdapter(adapter, context_embedder)
+        else:
+            self.adapter = adapter if adapter is not None else context_embedder.requires_grad_(False)
         if mode == "LORA":
             add_lora(student, lora_rank, lora_alpha, lora_targets)
         else:
@@ -280,9 +292,11 @@ class StudentTextPath(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.adapter(self.student(input_ids, attention_mask))
 
-    def export(self) -> tuple[nn.Module, ContextAdapter]:
-        """(student, RM ContextAdapter) in the published inference layout: LoRA merged into the
-        student, an extend-mode adapter folded with the context embedder."""
+    def export(self) -> tuple[nn.Module, ContextAdapter | None]:
+        """(student, RM ContextAdapter or None) in the published inference layout: LoRA merged into
+        the student, an extend-mode adapter folded with the context embedder; None when the student
+        feeds the context embedder directly (the MMDiT keeps it)."""
         student = merge_lora(self.student)
-        adapter = self.adapter.fold() if isinstance(self.adapter, ExtendedContextAdapter) else self.adapter
-        return student, adapter
+        if isinstance(self.adapter, ExtendedContextAdapter):
+            return student, self.adapter.fold()
+        return student, self.adapter if isinstance(self.adapter, ContextAdapter) else None
