@@ -100,6 +100,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
 
 
+def crop_positions(table: torch.Tensor, max_size: int, grid: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
+    """[h*w, D] positions of a clip with patch grid `grid` = (h, w): the centre crop of size `crop` of
+    the [1, G*G, D] sincos table (G = max_size), bilinearly resized to `grid` when they differ."""
+    top, left = (max_size - crop[0]) // 2, (max_size - crop[1]) // 2
+    cropped = table.reshape(max_size, max_size, -1)[top : top + crop[0], left : left + crop[1]]
+    if grid != crop:
+        cropped = F.interpolate(cropped.permute(2, 0, 1)[None], size=grid, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    return cropped.reshape(grid[0] * grid[1], -1)
+
+
 # ------------------------------------------------------------------------------------ attention
 
 
@@ -352,12 +362,7 @@ class PatchEmbed3D(nn.Module):
         self.register_buffer("pos_embed", sincos_2d_table(dim, max_size, base_size)[None], persistent=True)
 
     def _positions(self, grid: tuple[int, int], crop: tuple[int, int]) -> torch.Tensor:
-        """[h*w, D] positions of a clip with patch grid `grid`, from the centre crop of size `crop`."""
-        top, left = (self.max_size - crop[0]) // 2, (self.max_size - crop[1]) // 2
-        table = self.pos_embed.reshape(self.max_size, self.max_size, -1)[top : top + crop[0], left : left + crop[1]]
-        if grid != crop:
-            table = F.interpolate(table.permute(2, 0, 1)[None], size=grid, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-        return table.reshape(grid[0] * grid[1], -1)
+        return crop_positions(self.pos_embed, self.max_size, grid, crop)
 
     def forward(self, clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """clips [b, C, T_i, H_i, W_i] oldest first -> (tokens [b, N, D] in clip, t, h, w order,
