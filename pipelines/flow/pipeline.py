@@ -13,15 +13,23 @@ VAE decoder -> (QuickSRNet 2x) -> uint8 frames, streamed frame by frame.
          "components": {"text_encoder": {"component": "text/bundle", "path": "text"},
                         "mmdit": {"component": "mmdit/pyramid-flow", "path": "mmdit"},
                         "vae": {"component": "vae/pyramid-flow", "path": "vae"},
-                        ... optional "context_adapter", "decoder", "first_frame", "sr"},
+                        ... optional "context_adapter", "decoder", "first_frame", "sr",
+                        "safety_checker" (component "safety/sd-safety-checker")},
          "latent_norm": "pyramid-flow",          # a latents.py scheme name, or its four factors
          "sampling": {...GenerationSettings fields...}}
 
 Roles: `text_encoder` maps prompts to (embeds, mask, pooled); `context_adapter` maps embeds to the DiT's
 token width; `vae` encodes a first frame and decodes (unless a separate `decoder` is given);
-`first_frame` makes the hybrid first image; `sr` upscales frames 2x. Defaults of a run come from the
+`first_frame` makes the hybrid first image; `sr` upscales frames 2x; `safety_checker` judges the
+written frames (layouts a and b: an optional `safety_checker/` folder). Defaults of a run come from the
 model (pipeline.json `sampling`, or the shipped `neodragon/*` / `pyramid_flow/*` recipes), then a
 recipe, then explicit arguments.
+
+Precision: `dtype` (float32, bfloat16 or float16) applies to every component except the safety checker
+(float32) and the submodules in `FLOAT32_MODULES`, which compute in float32 on up-cast inputs and hand
+back the pipeline dtype. The sampler's latents and Euler steps stay float32 whatever the dtype.
+Norms need no such care: LayerNorm / GroupNorm accumulate reduced-precision inputs in float32, and the
+MMDiT's qk RMSNorm up-casts itself.
 
 Decoding streams: each latent frame is de-normalised and pushed through the VAE's causal
 `stream_decode` as soon as the sampler yields it, so memory does not grow with the video length.
@@ -30,10 +38,12 @@ Decoding streams: each latent frame is de-normalised and pushed through the VAE'
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import resource
 import time
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +52,7 @@ import numpy as np
 import torch
 
 from neodragon_cli.errors import CheckpointError, UsageError
+from neodragon_cli.pipelines.eval import safety  # registers safety/sd-safety-checker
 from neodragon_cli.pipelines.flow.sampler import (
     NoiseSource,
     PyramidSampler,
@@ -56,7 +67,17 @@ from neodragon_cli.pipelines.models.latents import LatentNorm, denormalize, get_
 
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_FORMAT = "neodragon-pipeline/1"
-ROLES = ("text_encoder", "context_adapter", "mmdit", "vae", "decoder", "first_frame", "sr")
+ROLES = ("text_encoder", "context_adapter", "mmdit", "vae", "decoder", "first_frame", "sr", "safety_checker")
+SAFETY_FOLDER = "safety_checker"  # the optional checker folder of the Neodragon and Pyramid-Flow layouts
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Submodules (fnmatch patterns on names inside a role's module) kept in float32 under bf16 / fp16:
+FLOAT32_MODULES = {
+    # the timestep MLP feeds the AdaLN scale / shift / gate of every block (the MMDiT's keep_precision
+    # for quantization also lists proj_out; here it would hand its output back in the pipeline dtype)
+    "mmdit": ("time_text_embed",),
+    # T5's feed-forward output overflows fp16 (transformers keeps `wo` in float32 for the same reason)
+    "text_encoder": ("*DenseReluDense.wo",),
+}
 
 
 # ---------------------------------------------------------------------- profiling
@@ -119,6 +140,42 @@ class Profiler:
 
     def as_dict(self) -> dict:
         return {name: dataclasses.asdict(c) for name, c in self.components.items()}
+
+
+# ---------------------------------------------------------------------- precision
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """`value` (a tensor, or tuples / lists / dicts of them) with floating tensors cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def cast_for_generation(module: torch.nn.Module, dtype: torch.dtype, keep: tuple[str, ...] = ()) -> list[str]:
+    """Cast `module` to `dtype` in place, except the submodules named by the fnmatch patterns `keep`:
+    they stay float32, get float32 inputs and return `dtype`. Returns the names kept."""
+    module.to(dtype=dtype)
+    if dtype == torch.float32:
+        return []
+    matched = [name for name, _ in module.named_modules() if any(fnmatchcase(name, p) for p in keep)]
+    kept = [name for name in matched if not any(name.startswith(outer + ".") for outer in matched)]
+    for name in kept:
+        sub = module.get_submodule(name).float()
+        sub.register_forward_pre_hook(lambda _, args, kwargs: _cast_floats((args, kwargs), torch.float32), with_kwargs=True)
+        sub.register_forward_hook(lambda _, args, output: _cast_floats(output, dtype))
+    return kept
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """bf16 / fp16 / fp32 -> torch dtype (UsageError naming the choices otherwise)."""
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype '{name}'", hint=f"use one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 # ---------------------------------------------------------------------- layouts
@@ -189,14 +246,17 @@ class VideoPipeline:
         decoder=None,
         first_frame=None,
         sr=None,
+        safety_checker=None,
         latent_norm: str | LatentNorm | None = None,
         defaults: GenerationSettings | None = None,
         component_paths: dict[str, Path] | None = None,
         name: str = "",
         device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ):
         self.mmdit, self.vae, self.text_encoder = mmdit, vae, text_encoder
         self.context_adapter, self.decoder, self.first_frame, self.sr = context_adapter, decoder, first_frame, sr
+        self.safety_checker = safety_checker
         norm = latent_norm if latent_norm is not None else vae.latent_norm
         if norm is None:
             raise CheckpointError("the pipeline needs a latent normalisation scheme", hint=f"set latent_norm in {PIPELINE_FILE}")
@@ -205,29 +265,41 @@ class VideoPipeline:
         self.component_paths = dict(component_paths or {})
         self.name = name
         self.device = torch.device(device)
+        self.dtype = dtype
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, mode: str | None = None, variant: str | None = None,
-        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, safety_checker: bool = True,
     ) -> "VideoPipeline":
         """Load any of the three layouts. `mode` picks Neodragon's hybrid or monolithic weights
-        (layout a; default hybrid); `variant` picks Pyramid-Flow's 384p or 768p (layout b)."""
+        (layout a; default hybrid); `variant` picks Pyramid-Flow's 384p or 768p (layout b);
+        `safety_checker=False` leaves the pipeline's safety checker unloaded; `dtype`: see the module docstring."""
         folder = Path(path)
         if not folder.is_dir():
             raise CheckpointError(f"model folder does not exist: {folder}", hint="give a local pipeline folder")
         layout = detect_layout(folder)
         loader = {"ours": cls._load_ours, "neodragon": cls._load_neodragon, "pyramid-flow": cls._load_pyramid_flow}[layout]
-        parts = loader(folder, mode=mode, variant=variant)
+        parts = loader(folder, mode=mode, variant=variant, safety_checker=safety_checker)
+        checker = folder / SAFETY_FOLDER
+        if layout != "ours" and safety_checker and checker.is_dir():
+            parts["safety_checker"] = safety.SafetyChecker.from_pretrained(checker)
+            parts["component_paths"]["safety_checker"] = checker
         for key in ROLES:
-            if parts.get(key) is not None:  # nn.Modules and the (diffusers-based) first-frame generator
-                parts[key] = parts[key].to(device=device, dtype=dtype).eval()
-        return cls(**parts, device=device, name=folder.name)
+            part = parts.get(key)
+            if part is None:
+                continue
+            if isinstance(part, torch.nn.Module):
+                cast_for_generation(part, dtype, FLOAT32_MODULES.get(key, ()))
+            elif key != "safety_checker":  # the diffusers-based first-frame generator; the checker stays float32
+                part.to(dtype=dtype)
+            parts[key] = part.to(device=device).eval()
+        return cls(**parts, device=device, dtype=dtype, name=folder.name)
 
     @staticmethod
-    def _load_ours(folder: Path, **_) -> dict:
+    def _load_ours(folder: Path, *, safety_checker: bool, **_) -> dict:
         try:
             spec = json.loads((folder / PIPELINE_FILE).read_text())
         except json.JSONDecodeError as exc:
@@ -241,6 +313,8 @@ class VideoPipeline:
             raise CheckpointError(f"{folder / PIPELINE_FILE}: unknown roles {unknown} / missing roles {missing} (roles: {', '.join(ROLES)})")
         parts, paths = {}, {}
         for role, entry in components.items():
+            if role == "safety_checker" and not safety_checker:
+                continue
             paths[role] = folder / entry["path"]
             parts[role] = _load_named(entry["component"], paths[role])
         norm = spec.get("latent_norm")
@@ -426,6 +500,16 @@ class VideoPipeline:
             (sink or kept.append)(chunk)
         frames = np.concatenate(kept) if kept else None
         return GenerationResult(frames, torch.cat(latents, dim=2), settings, seed, profile, count)
+
+
+# ---------------------------------------------------------------------- seeds
+
+
+def sample_seed(seed: int, prompt: str, sample: int) -> int:
+    """The seed of video `sample` of `prompt` in a batch run with `seed`: a hash of the three, so it
+    does not depend on the prompt's place in the file, on --max-prompts or on how ranks share the work."""
+    digest = hashlib.sha256(f"{seed}\x00{sample}\x00{prompt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1  # 0 .. 2**31 - 1
 
 
 # ---------------------------------------------------------------------- pixels

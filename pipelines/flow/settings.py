@@ -26,6 +26,8 @@ PYRAMID_FLOW_NEGATIVE = (
     "cartoon style, worst quality, low quality, blurry, absolute black, absolute white, low res, extra limbs, "
     "extra digits, misplaced objects, mutated anatomy, monochrome, horror"
 )
+# the official script's --use_cinematic_prompt_modifier (appended to every prompt, never in file names)
+CINEMATIC_MODIFIER = ", cinematic, realistic textures, high detail, natural colours"
 # the latent grid must allow two halvings and whole 2x2 patches: 8 (VAE) * 4 (pyramid) * 2 (patch)
 SIZE_MULTIPLE = 64
 
@@ -173,6 +175,7 @@ class GenerateRecipe:
     model: str | None = setting(None, "model folder or embedded model name (none: --model, else the default embedded model)")
     seed: int = setting(0, "random seed (same seed, same video)")
     format: Literal["mp4", "png", "gif"] = setting("mp4", "output format")
+    dtype: Literal["bf16", "fp16", "fp32"] | None = setting(None, "precision of the components (none: bf16 on CUDA, fp32 on CPU)")
     sampling: GenerationSettings = field(
         default_factory=GenerationSettings, metadata={"doc": "sampling settings; unset keys keep the model's defaults (else SamplingConfig's)"}
     )
