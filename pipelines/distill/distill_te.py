@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neodragon_cli.artifacts import ArtifactWriter, applied_operations, check_operation, resolve_model
+from neodragon_cli.artifacts import ArtifactWriter, resolve_model
 from neodragon_cli.console import console
 from neodragon_cli.errors import CheckpointError, UsageError
 from neodragon_cli.pipelines.data.shapes import prompt_corpus
@@ -196,12 +197,12 @@ def load_teacher(parent: str, dtype: str = "float32") -> Teacher:
     return Teacher(folder, spec, bundle, embedder, mmdit.inner_dim)
 
 
-def teach_fn(teacher: Teacher):
-    """(ids, mask) -> CE(T5(ids, mask)) in float32."""
-    t5, embedder = teacher.bundle.t5_encoder.eval(), teacher.context_embedder.eval()
+def teach_fn(teacher: Teacher, device: torch.device):
+    """(ids, mask) -> CE(T5(ids, mask)) in float32, computed on `device`."""
+    t5, embedder = teacher.bundle.t5_encoder.to(device).eval(), teacher.context_embedder.to(device).eval()
 
     def teach(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return embedder(t5(ids, attention_mask=mask).float())
+        return embedder(t5(ids.to(device), attention_mask=mask.to(device)).float())
 
     return teach
 
@@ -362,7 +363,6 @@ def write_artifact(art: ArtifactWriter, teacher: Teacher, student: nn.Module, ad
 def distill_te(recipe: DistillTERecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> TrainingOutcome:
     """Check everything, cache the teacher's targets and train in `OUT.work/`, then (rank 0) write `OUT`."""
     teacher = load_teacher(recipe.parent, recipe.data.teacher_dtype)
-    check_operation("distill-te", applied_operations(teacher.folder))
     mixture, heldout = prompt_sets(recipe.data, recipe.train.seed)
     tokenizer = teacher.bundle.t5_tokenizer
     seed_everything(recipe.train.seed)  # a fresh student and the adapter follow the recipe's seed
@@ -379,7 +379,7 @@ def distill_te(recipe: DistillTERecipe, out: Path, *, recipe_yaml: str, resume: 
     fingerprint = teacher_fingerprint([teacher.bundle.t5_encoder, teacher.context_embedder])
 
     def cache() -> TeacherTargets:  # rank 0 computes and writes; the others then read the same shards
-        return cached_teacher_targets(work / "teacher_cache", ids, mask, teach_fn(teacher), fingerprint,
+        return cached_teacher_targets(work / "teacher_cache", ids, mask, teach_fn(teacher, env.device), fingerprint,
                                       shard_size=recipe.data.cache_shard, batch_size=recipe.data.teacher_batch,
                                       show_progress=env.is_main)
 
@@ -391,7 +391,9 @@ def distill_te(recipe: DistillTERecipe, out: Path, *, recipe_yaml: str, resume: 
     teacher.bundle.t5_encoder = None  # the teacher encoder is done: free it for training
     trainer = Trainer(path, distillation_loss(recipe.loss.w_mse, recipe.loss.w_cd), prompt_batches(mixture, targets),
                       recipe.train, work / "run", resume=resume)
+    first_step, started = trainer.step, time.perf_counter()
     result = trainer.fit()
+    prompts_s = (result.step - first_step) * recipe.train.batch_size / max(time.perf_counter() - started, 1e-9)
     if result.stopped or not env.is_main:
         return TrainingOutcome(result.step, work, artifact=None if result.stopped else out)
     model = trainer.model
@@ -400,7 +402,7 @@ def distill_te(recipe: DistillTERecipe, out: Path, *, recipe_yaml: str, resume: 
     counts = parameter_counts(model)
     student, adapter = model.cpu().export()
     summary = {"mode": recipe.mode, "steps": result.step, "train_prompts": len(mixture), "heldout_prompts": len(heldout),
-               **measured, **counts}
+               **measured, **counts, "prompts_s": prompts_s}
     with writer as art:
         write_artifact(art, teacher, student, adapter)
         copy_metrics(work / "run", art)
