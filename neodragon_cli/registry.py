@@ -6,8 +6,8 @@
 Recipes name components as `kind/name` (e.g. `mmdit/pyramid-flow`). A registered class provides
 `from_pretrained(path, **kw)` (and usually `save_pretrained(path)`); `detect(path) -> bool` lets
 `load_component(kind, path)` and `components inspect` recognise a checkpoint folder or file.
-Modules under `neodragon_cli.pipelines.models` register themselves on import; `_ensure_loaded`
-imports them all the first time the registry is queried.
+Modules under `neodragon_cli.pipelines.models` (and the safety checker of `pipelines.eval.safety`)
+register themselves on import; `_ensure_loaded` imports them all the first time the registry is queried.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def _ensure_loaded() -> None:
         return
     _LOADED = True
     import_submodules("neodragon_cli.pipelines.models")
+    importlib.import_module("neodragon_cli.pipelines.eval.safety")  # the safety checker component
 
 
 def did_you_mean(name: str, known: list[str]) -> str:

@@ -153,7 +153,8 @@ Denoiser = Callable[[list, TextConditioning, torch.Tensor], torch.Tensor]
 def mmdit_denoiser(model) -> Denoiser:
     """Adapt an MMDiT with the reference call convention
     `model(sample=[[clips...]], encoder_hidden_states, encoder_attention_mask, pooled_projections,
-    timestep_ratio) -> [velocity]` (one column) to a `Denoiser`; inputs are cast to the model dtype."""
+    timestep_ratio) -> [velocity]` (one column) to a `Denoiser`; inputs but the timestep are cast to the
+    model dtype."""
     dtype = next(model.parameters()).dtype
 
     def call(clips, text, timestep):
@@ -162,7 +163,7 @@ def mmdit_denoiser(model) -> Denoiser:
             encoder_hidden_states=text.embeds.to(dtype),
             encoder_attention_mask=text.mask,
             pooled_projections=text.pooled.to(dtype),
-            timestep_ratio=timestep.to(dtype),
+            timestep_ratio=timestep.float(),  # the sinusoid runs in fp32: bf16 would round t near 1000 to steps of 4
         )
         return out[0].float()
 
