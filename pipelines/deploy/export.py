@@ -13,6 +13,7 @@ Graphs (batch 1, fixed shapes; names are the files `<name>.onnx`):
     vae_encoder       video [1, 3, 1, H, W] -> mean, std [1, C, 1, h, w]
     decoder_first     latent 0 [1, C, 1, h, w] -> frames [1, 3, 1, H, W], state_*
     decoder_step      latent [1, C, 1, h, w], state_* -> frames [1, 3, 8, H, W], state_*
+                      (state: causal-conv carried frames, or the TAEHV-style decoder's MemBlock memory)
     sr                x [1, 3, H, W] in [0, 1] -> [1, 3, 2H, 2W]
 
 Real inputs are recorded from one short PyTorch generation (1-1-1 steps, no guidance) at the export
@@ -39,10 +40,13 @@ from neodragon_cli.pipelines.deploy.graphs import (
     T5_RESIDUAL_SCALE,
     FirstFrameEncoder,
     StreamingDecoderStep,
+    StreamingTAEHVStep,
     max_t5_residual,
     rescale_t5_residuals,
+    taehv_stream_reference,
 )
 from neodragon_cli.pipelines.deploy.mmdit_stage import DEFAULT_MASK_FILL, StageGraph, StageHost, StageLayout, dense_copy
+from neodragon_cli.pipelines.models.causal_vae import AsymmetricCausalVideoVAE, CausalVideoVAE
 
 MANIFEST = "export.json"
 MANIFEST_FORMAT = "neodragon-export/1"
@@ -112,16 +116,10 @@ def select_components(pipe, requested: str) -> list[str]:
     if missing:
         raise UsageError(f"this model has no {missing[0]} component", hint=f"it has: {', '.join(c for c in COMPONENTS if present[c])}")
     decoder = pipe.decoder or pipe.vae
-    if "decoder" in names and not isinstance(decoder, _streaming_vae_class()):
-        raise UsageError(f"streaming decoder export supports the causal VAE decoder (vae/pyramid-flow), not {type(decoder).__name__}",
-                         hint="leave decoder out of --components")  # fmt: skip
+    if "decoder" in names and not isinstance(decoder, (CausalVideoVAE, AsymmetricCausalVideoVAE)):
+        raise UsageError(f"streaming decoder export supports the causal VAEs (vae/pyramid-flow, vae/neodragon-asymmetric), "
+                         f"not {type(decoder).__name__}", hint="leave decoder out of --components")  # fmt: skip
     return names
-
-
-def _streaming_vae_class():
-    from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
-
-    return CausalVideoVAE
 
 
 # ------------------------------------------------------------------------------------ recording
@@ -183,18 +181,22 @@ def _text_graphs(pipe, rec: Recording) -> list[GraphSpec]:
     specs = [GraphSpec("t5", "text_encoder", scaled, ["embeds"], [{"input_ids": ids, "attention_mask": mask}], [[reference]],
                        notes=notes)]  # fmt: skip
     for i, encoder in enumerate(bundle.clip_encoders):
-        clip_ids = rec.clip[i][0]
-        with torch.no_grad():
-            pooled = encoder(clip_ids)
-        specs.append(GraphSpec(f"clip_{i}", "text_encoder", encoder, ["pooled"], [{"input_ids": clip_ids}], [[pooled]]))
+        specs.append(module_graph(f"clip_{i}", "text_encoder", encoder, {"input_ids": rec.clip[i][0]}, ["pooled"]))
     return specs
 
 
-def _adapter_graph(pipe, rec: Recording) -> GraphSpec:
-    x = rec.adapter[0]
+def module_graph(name: str, component: str, module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str]) -> GraphSpec:
+    """The graph of `module(*inputs.values())` (batch 1), validated against the module's own PyTorch
+    output on `inputs` (ContextAdapter x [1, L, D_t5] -> text; QuickSRNet x [1, 3, H, W] -> upscaled; ...)."""
+    module = module.float().eval()
     with torch.no_grad():
-        reference = pipe.context_adapter(x)
-    return GraphSpec("context_adapter", "context_adapter", pipe.context_adapter, ["text"], [{"x": x}], [[reference]])
+        outputs = module(*inputs.values())
+    references = list(outputs) if isinstance(outputs, tuple) else [outputs]
+    return GraphSpec(name, component, module, output_names, [inputs], [references])
+
+
+def _adapter_graph(pipe, rec: Recording) -> GraphSpec:
+    return module_graph("context_adapter", "context_adapter", pipe.context_adapter, {"x": rec.adapter[0]}, ["text"])
 
 
 def mmdit_graphs(model, geometry_latent: tuple[int, int], num_latents: int, calls: list[tuple[dict, torch.Tensor]],
@@ -235,26 +237,27 @@ def mmdit_graphs(model, geometry_latent: tuple[int, int], num_latents: int, call
 
 def _vae_encoder_graph(pipe, rec: Recording) -> GraphSpec:
     frame = rec.frames[0].float().div(255).mul(2).sub(1).permute(2, 0, 1)[None, :, None]
-    module = FirstFrameEncoder(pipe.vae)
-    with torch.no_grad():
-        mean, std = module(frame)
-    return GraphSpec("vae_encoder", "vae", module, ["mean", "std"], [{"video": frame}], [[mean, std]])
+    return module_graph("vae_encoder", "vae", FirstFrameEncoder(pipe.vae), {"video": frame}, ["mean", "std"])
 
 
-def _decoder_graphs(pipe, rec: Recording) -> list[GraphSpec]:
-    from neodragon_cli.pipelines.models.latents import denormalize
-
-    vae = pipe.decoder or pipe.vae
-    role = "decoder" if pipe.decoder is not None else "vae"
-    first, step = StreamingDecoderStep(vae, first=True), StreamingDecoderStep(vae, first=False)
-    raw = [denormalize(rec.latents[:, :, k : k + 1], pipe.latent_norm, start_frame=k).float() for k in range(rec.latents.shape[2])]
-    with torch.no_grad():
-        outputs = [first(raw[0])]
-        for latent in raw[1:]:
-            outputs.append(step(latent, *outputs[-1][1:]))
+def decoder_graphs(vae, raw: list[torch.Tensor], role: str = "vae") -> list[GraphSpec]:
+    """decoder_first / decoder_step of `vae` (CausalVideoVAE or AsymmetricCausalVideoVAE), validated on
+    the consecutive raw latent frames `raw` ([1, C, 1, h, w] each, from the video start) against the
+    PyTorch streaming decode (causal VAE: the cache-dict decode; asymmetric: its `FrameStream`)."""
+    vae = vae.float().eval()
+    if isinstance(vae, AsymmetricCausalVideoVAE):
+        first, step = StreamingTAEHVStep(vae, first=True), StreamingTAEHVStep(vae, first=False)
+        outputs = taehv_stream_reference(vae, raw)
+        rule = "streaming: one latent frame per call; each MemBlock's previous-frame input is a state input/output"
+    else:
+        first, step = StreamingDecoderStep(vae, first=True), StreamingDecoderStep(vae, first=False)
+        with torch.no_grad():
+            outputs = [first(raw[0])]
+            for latent in raw[1:]:
+                outputs.append(step(latent, *outputs[-1][1:]))
+        rule = "streaming: one latent frame per call; the causal convs' carried frames are state inputs/outputs"
     states = [f"state_{i}" for i in range(len(outputs[0]) - 1)]
     names = ["frames"] + [f"next_{s}" for s in states]
-    rule = "streaming: one latent frame per call; the causal convs' carried frames are state inputs/outputs"
     specs = [GraphSpec("decoder_first", role, first, names, [{"latent": raw[0]}], [list(outputs[0])], padding=rule)]
     if len(raw) > 1:
         cases = [{"latent": latent, **dict(zip(states, previous[1:]))} for latent, previous in zip(raw[1:], outputs)]
@@ -262,11 +265,16 @@ def _decoder_graphs(pipe, rec: Recording) -> list[GraphSpec]:
     return specs
 
 
+def _decoder_graphs(pipe, rec: Recording) -> list[GraphSpec]:
+    from neodragon_cli.pipelines.models.latents import denormalize
+
+    raw = [denormalize(rec.latents[:, :, k : k + 1], pipe.latent_norm, start_frame=k).float() for k in range(rec.latents.shape[2])]
+    return decoder_graphs(pipe.decoder or pipe.vae, raw, "decoder" if pipe.decoder is not None else "vae")
+
+
 def _sr_graph(pipe, rec: Recording) -> GraphSpec:
     x = rec.frames[:1].float().div(255).permute(0, 3, 1, 2).contiguous()
-    with torch.no_grad():
-        reference = pipe.sr(x)
-    return GraphSpec("sr", "sr", pipe.sr, ["upscaled"], [{"x": x}], [[reference]])
+    return module_graph("sr", "sr", pipe.sr, {"x": x}, ["upscaled"])
 
 
 def plan_graphs(pipe, geometry: Geometry, components: list[str], fill: float = DEFAULT_MASK_FILL) -> tuple[list[GraphSpec], Recording]:

@@ -4,7 +4,9 @@ exactly a static graph's (batch 1, fixed shapes).
 * T5 / DistilT5 with the FP16-safe residual rescaling folded into the weights (`rescale_t5_residuals`);
 * the causal VAE's first-frame encoder (posterior mean and std);
 * the causal VAE decoder in streaming form: one latent frame per call, every causal conv's carried
-  frames as explicit state inputs and outputs (`StreamingDecoderStep`).
+  frames as explicit state inputs and outputs (`StreamingDecoderStep`);
+* the TAEHV-style decoder of the Neodragon asymmetric VAE in the same streaming form, every MemBlock's
+  previous-frame input as a state tensor (`StreamingTAEHVStep`, reference `taehv_stream_reference`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import copy
 import torch
 from torch import nn
 
-from neodragon_cli.pipelines.models.causal_vae import CausalConv3d, CausalTemporalUpsample2x, CausalVideoVAE
+from neodragon_cli.pipelines.models.causal_vae import AsymmetricCausalVideoVAE, CausalConv3d, CausalTemporalUpsample2x, CausalVideoVAE
+from neodragon_cli.pipelines.models.taehv import FrameStream, MemBlock, TGrow, TPool
 from neodragon_cli.pipelines.models.text_encoders import T5TextEncoder
 
 T5_RESIDUAL_SCALE = 16.0  # residual stream / 16 (the published T5-XXL peaks at ~3.3e5, 5x the fp16 max)
@@ -112,3 +115,55 @@ class StreamingDecoderStep(nn.Module):
         cache = {} if self.first else dict(zip(convs, state))
         frames = self.vae._decode_chunk(latent, cache)
         return (frames, *(cache[conv] for conv in convs))
+
+
+class StreamingTAEHVStep(nn.Module):
+    """One latent frame through `AsymmetricCausalVideoVAE` (post_quant_conv, then the TAEHV-style
+    decoder as a `FrameStream`) with the stream's memory as tensors.
+
+    first=True: raw latent 0 [1, C, 1, h, w] -> (frames [1, 3, 1, H, W], *state);
+    first=False: (raw latent k [1, C, 1, h, w], *state) -> (frames [1, 3, 8, H, W], *state).
+    `state` holds, per MemBlock in layer order, its input at the latest sub-frame, [1, n_i, h_i, w_i]
+    (zeros before the video). Inside a call the sub-frames of a stage run as a batch in time order
+    ([m, n, H, W], m = 1, 2, 4, 8): a MemBlock sees [state, frames 0..m-2] as its past, and a TGrow
+    splits its conv output on channels into `stride` frames and interleaves them on the batch axis
+    (no channel-to-time reshape). Latent 0 keeps only its last sub-frame (the image frame)."""
+
+    def __init__(self, vae: AsymmetricCausalVideoVAE, first: bool):
+        super().__init__()
+        if any(isinstance(layer, TPool) for layer in vae.decoder.blocks):
+            raise ValueError("a TAEHV decoder stack has no TPool")
+        self.post_quant_conv = copy.deepcopy(vae.post_quant_conv)
+        self.blocks = copy.deepcopy(vae.decoder.blocks)
+        self.trim = vae.decoder.frames_to_trim
+        self.first = first
+
+    def forward(self, latent: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.post_quant_conv(latent)[:, :, 0]
+        next_state: list[torch.Tensor] = []
+        for layer in self.blocks:
+            if isinstance(layer, MemBlock):
+                past = torch.zeros_like(x[:1]) if self.first else state[len(next_state)]
+                next_state.append(x[-1:])
+                x = layer(x, torch.cat([past, x[:-1]]))
+            elif isinstance(layer, TGrow):
+                parts = layer(x).split(x.shape[1], dim=1)
+                x = torch.cat([part[i : i + 1] for i in range(x.shape[0]) for part in parts])
+            else:
+                x = layer(x)
+        frames = x[self.trim :] if self.first else x
+        return (frames.transpose(0, 1)[None], *next_state)
+
+
+def taehv_stream_reference(vae: AsymmetricCausalVideoVAE, latents: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """What `StreamingTAEHVStep` must return for consecutive raw latent frames [1, C, 1, h, w] from
+    the video start, by the PyTorch streaming decode (`FrameStream`): per call (frames, *memory)."""
+    stream = FrameStream(vae.decoder.blocks)
+    mem_blocks = [i for i, layer in enumerate(stream.layers) if isinstance(layer, MemBlock)]
+    calls = []
+    with torch.no_grad():
+        for k, latent in enumerate(latents):
+            frames = stream.push(vae.post_quant_conv(latent)[:, :, 0])
+            frames = frames[vae.decoder.frames_to_trim :] if k == 0 else frames
+            calls.append((torch.stack(frames, dim=2), *(stream.memory[i] for i in mem_blocks)))
+    return calls

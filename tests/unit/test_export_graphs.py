@@ -9,7 +9,7 @@ import torch
 
 from neodragon_cli.pipelines.deploy import onnx_tools
 from neodragon_cli.pipelines.deploy.export import GraphSpec, mmdit_graphs, write_graphs
-from neodragon_cli.pipelines.deploy.graphs import StreamingDecoderStep, max_t5_residual, rescale_t5_residuals
+from neodragon_cli.pipelines.deploy.graphs import max_t5_residual, rescale_t5_residuals
 from neodragon_cli.pipelines.deploy.mmdit_stage import history_levels
 from neodragon_cli.pipelines.flow.sampler import history_clips
 from neodragon_cli.pipelines.flow.scheduler import latent_pyramid
@@ -106,34 +106,3 @@ def test_t5_residual_rescaling_keeps_outputs_and_shrinks_the_residual_stream(tmp
     assert entry["mask_constants_rewritten"], "the HF mask fill should have been found and rewritten"
     assert entry["graph"]["min_constant"] >= -1e4
 
-
-def test_streaming_decoder_graphs_carry_the_cache_as_tensors(tmp_path):
-    from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
-
-    torch.manual_seed(0)
-    widths = dict(encoder_block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 8, 16, 16))
-    vae = CausalVideoVAE(encoder_layers_per_block=(1,) * 4, decoder_layers_per_block=(1,) * 4, encoder_norm_num_groups=2,
-                         decoder_norm_num_groups=2, **widths).eval()  # fmt: skip
-    latents = torch.randn(1, 16, 3, 2, 2)
-    with torch.no_grad():
-        whole = vae.decode(latents)
-        first, step = StreamingDecoderStep(vae, first=True), StreamingDecoderStep(vae, first=False)
-        outs = [first(latents[:, :, :1])]
-        outs += [step(latents[:, :, 1:2], *outs[-1][1:])]
-    states = [f"state_{i}" for i in range(len(outs[0]) - 1)]
-    names = ["frames"] + [f"next_{s}" for s in states]
-    specs = [
-        GraphSpec("decoder_first", "vae", first, names, [{"latent": latents[:, :, :1]}], [list(outs[0])]),
-        GraphSpec("decoder_step", "vae", step, names, [{"latent": latents[:, :, 1:2], **dict(zip(states, outs[0][1:]))}],
-                  [list(outs[1])]),
-    ]  # fmt: skip
-    entries = write_graphs(specs, tmp_path)
-    assert all(e["graph"]["max_rank"] <= 5 for e in entries.values())
-    # chained through ONNX Runtime with its own state, the stream equals the whole-clip decode
-    sessions = [onnx_tools.session(tmp_path / f"{n}.onnx") for n in ("decoder_first", "decoder_step")]
-    frames, *state = onnx_tools.run(sessions[0], {"latent": latents[:, :, :1]})
-    chunks = [frames]
-    for k in (1, 2):
-        frames, *state = onnx_tools.run(sessions[1], {"latent": latents[:, :, k : k + 1], **dict(zip(states, state))})
-        chunks.append(frames)
-    assert onnx_tools.sqnr_db(whole, torch.cat(chunks, dim=2)) >= 60
