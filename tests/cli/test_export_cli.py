@@ -78,3 +78,55 @@ def test_export_verifies_and_onnx_runtime_reproduces_the_pytorch_video(tmp_path)
     difference = np.abs(reference.astype(int) - exported.astype(int))
     assert reference.shape == exported.shape
     assert (difference <= 2).mean() >= 0.999
+
+
+def neodragon_root(folder, golden):
+    """A tiny Neodragon-layout pipeline root: the golden DistilT5, ContextAdapter, pruned MMDiT (no
+    context embedder) and asymmetric VAE (TAEHV-style decoder), plus a random CLIP whose pooled width
+    (24) is the MMDiT's pooled projection input."""
+    import shutil
+
+    import torch
+
+    from neodragon_cli.artifacts import resolve_model
+    from neodragon_cli.pipelines.models.text_encoders import CLIPTextEncoder
+
+    neo = golden / "neodragon"
+    folder.mkdir()
+    for name, source in [
+        ("diffusion_transformer_320p", neo / "mmdit" / "diffusion_transformer_320p"),
+        ("context_adapter", neo / "context_adapter" / "context_adapter"),
+        ("causal_video_vae", neo / "vae_decoder" / "causal_video_vae"),
+        ("text_encoder_3", neo / "distil_t5" / "text_encoder_3"),
+        ("tokenizer_3", neo / "distil_t5" / "tokenizer_3"),
+    ]:
+        (folder / name).symlink_to(source)
+    teacher_text = resolve_model(EMBEDDED) / "text"
+    config = json.loads((teacher_text / "text_encoder" / "config.json").read_text())
+    torch.manual_seed(0)
+    CLIPTextEncoder({**config, "projection_dim": 24}).save_pretrained(folder / "text_encoder")
+    shutil.copytree(teacher_text / "tokenizer", folder / "tokenizer")
+    return folder
+
+
+@pytest.mark.slow
+def test_neodragon_layout_pipeline_exports_and_runs_on_onnx_runtime(tmp_path, golden_dir):
+    from neodragon_cli.pipelines.deploy.runtime import load_onnx_pipeline
+    from neodragon_cli.pipelines.flow.pipeline import VideoPipeline
+    from neodragon_cli.pipelines.flow.settings import GenerationSettings
+
+    root, out = neodragon_root(tmp_path / "neodragon", golden_dir), tmp_path / "exported"
+    result = runner.invoke(app, ["export", str(root), "-o", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "export.json").read_text())
+    assert "mmdit_context" not in manifest["graphs"] and {"context_adapter", "decoder_first", "decoder_step"} <= set(manifest["graphs"])
+    assert len(manifest["graphs"]["decoder_step"]["inputs"]) == 1 + 9  # latent + one memory per MemBlock
+    assert all(e["validation"]["passed"] for e in manifest["graphs"].values())
+
+    settings = GenerationSettings(mode="monolithic", video_steps=[2, 2, 2], first_steps=[2, 2, 2], guidance=7.0,
+                                  video_guidance=5.0, height=64, width=64, frames=17)  # fmt: skip
+    torch_pipe, onnx_pipe = VideoPipeline.from_pretrained(root), load_onnx_pipeline(out)
+    reference = torch_pipe.generate("a red circle moving left", torch_pipe.settings(settings), seed=3).frames
+    exported = onnx_pipe.generate("a red circle moving left", onnx_pipe.settings(settings), seed=3).frames
+    assert reference.shape == exported.shape == (17, 64, 64, 3)
+    assert (np.abs(reference.astype(int) - exported.astype(int)) <= 2).mean() >= 0.999
