@@ -301,12 +301,14 @@ def plan_graphs(pipe, geometry: Geometry, components: list[str], fill: float = D
 
 
 def export_graph(spec: GraphSpec, folder: Path, *, opset: int, fill: float) -> dict:
-    """Trace, rewrite mask constants, save `<name>.onnx` into `folder`; the manifest entry (no validation)."""
+    """Trace, fold the shape arithmetic, rewrite mask constants, save `<name>.onnx` into `folder`; the
+    manifest entry (no validation)."""
     path = folder / f"{spec.name}.onnx"
     with tempfile.TemporaryDirectory() as scratch:
         traced = Path(scratch) / path.name
         onnx_tools.export_module(spec.module.eval(), spec.cases[0], spec.output_names, traced, opset)
         model = onnx_tools.load(traced)
+    simplified = onnx_tools.fold_constants(model)
     changes = onnx_tools.rewrite_mask_constants(model, fill)
     onnx_tools.save(model, path)
     files = sorted(p.name for p in folder.glob(f"{spec.name}.onnx*"))
@@ -319,6 +321,7 @@ def export_graph(spec: GraphSpec, folder: Path, *, opset: int, fill: float) -> d
         "outputs": onnx_tools.value_specs(model.graph.output),
         "padding": spec.padding,
         "mask_constants_rewritten": changes,
+        "simplified": simplified,
         "graph": onnx_tools.graph_facts(model),
         **({"notes": spec.notes} if spec.notes else {}),
     }

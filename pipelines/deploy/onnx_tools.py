@@ -1,5 +1,5 @@
-"""ONNX plumbing for export: trace a module to a file, the mask-constant pass, graph facts, ONNX
-Runtime sessions and the comparison metrics.
+"""ONNX plumbing for export: trace a module to a file, the mask-constant pass, the shape-folding
+pass, graph facts, ONNX Runtime sessions and the comparison metrics.
 
 Export uses torch's TorchScript-based exporter (`dynamo=False`): it needs no extra package, folds
 constants, and gives plain static graphs for opset 17 (what NPU converters take). Graphs above 2 GB
@@ -76,6 +76,66 @@ def rewrite_mask_constants(model, fill: float) -> list[dict]:
             fixed = np.where(low, np.asarray(fill, dtype=array.dtype), array)
             tensor.CopyFrom(numpy_helper.from_array(fixed, tensor.name))
     return changes
+
+
+FOLD_LIMIT = 2**20  # elements: larger computed values stay computed (keeps the file size)
+
+
+def fold_constants(model) -> dict:
+    """Fold, in place and until nothing changes, every node whose value is known before run time:
+    `Shape` of a statically shaped tensor (shape inference, redone after each round as folded shapes
+    make more shapes static), and any deterministic node whose inputs are all constants (the Gather /
+    Mod / Concat / Cast arithmetic tracing leaves on shapes), evaluated with ONNX's reference
+    implementation; every `Constant` becomes an initializer and nodes nothing reads are dropped.
+    Returns {"nodes_before", "nodes_after", "folded": {op: count}}."""
+    before, folded = len(model.graph.node), Counter()
+    while True:
+        count = _fold_once(model)
+        if not count:
+            break
+        folded.update(count)
+    return {"nodes_before": before, "nodes_after": len(model.graph.node), "folded": dict(sorted(folded.items()))}
+
+
+def _fold_once(model) -> Counter:
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    known = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    shapes = {}
+    for value in onnx.shape_inference.infer_shapes(model).graph.value_info[:] + graph.input[:]:
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
+            shapes[value.name] = [d.dim_value for d in tensor_type.shape.dim]
+    folded, kept = Counter(), []
+    for node in graph.node:
+        value = None
+        if node.op_type == "Constant":
+            value = numpy_helper.to_array(next(a.t for a in node.attribute if a.name == "value"))
+        elif node.op_type == "Shape" and node.input[0] in shapes:
+            attrs = {a.name: a.i for a in node.attribute}
+            value = np.array(shapes[node.input[0]][attrs.get("start", 0) : attrs.get("end")], dtype=np.int64)
+        elif len(node.output) == 1 and node.input and all(i in known for i in node.input if i) and not node.op_type.startswith("Random"):
+            with np.errstate(all="ignore"):
+                value = ReferenceEvaluator(node).run(None, {i: known[i] for i in node.input if i})[0]
+        if value is None or np.size(value) > FOLD_LIMIT:
+            kept.append(node)
+            continue
+        known[node.output[0]] = np.asarray(value)
+        folded[node.op_type] += 1
+    needed = {o.name for o in graph.output}
+    live = []
+    for node in reversed(kept):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    initializers = [numpy_helper.from_array(known[name], name) for name in sorted(needed) if name in known]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(reversed(live))
+    graph.initializer.extend(initializers)
+    return folded
 
 
 def graph_facts(model) -> dict:
