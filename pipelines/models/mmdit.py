@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from neodragon_cli.errors import CheckpointError, UsageError
 from neodragon_cli.pipelines.flow.sampler import PREDICTIONS
-from neodragon_cli.pipelines.models.base import PretrainedModel
+from neodragon_cli.pipelines.models.base import PretrainedModel, parameters_on_meta
 from neodragon_cli.registry import did_you_mean, register
 
 WEIGHTS_NAME = PretrainedModel.weights_names[0]
@@ -651,6 +651,45 @@ class PyramidFlowMMDiT(PretrainedModel):
     def published_config(self) -> dict:
         """config.json: the published class name carries `use_context_embedder`."""
         return {k: v for k, v in super().published_config().items() if k != "use_context_embedder"}
+
+    def without_blocks(self, indices: Sequence[int]) -> "PyramidFlowMMDiT":
+        """A copy with the transformer blocks at `indices` removed (Neodragon's block pruning), in the
+        same published layout: `num_layers` shrinks and the kept blocks are renumbered in order, so
+        `transformer_blocks.{k}.*` of the j-th kept block k become `transformer_blocks.{j}.*`. The
+        weights are cloned (the copy trains independently) and keep their device and dtype; the
+        copy's forward equals this model's with those blocks skipped. UsageError for an index out of
+        range, the last (context-pre-only) block, or every block."""
+        removed = check_removable_blocks(indices, len(self.transformer_blocks))
+        kept = [k for k in range(len(self.transformer_blocks)) if k not in removed]
+        new_index = {old: new for new, old in enumerate(kept)}
+        prefix = "transformer_blocks."
+        state = {}
+        for key, tensor in self.state_dict().items():
+            if key.startswith(prefix):
+                block, _, rest = key[len(prefix):].partition(".")
+                if int(block) in removed:
+                    continue
+                key = f"{prefix}{new_index[int(block)]}.{rest}"
+            state[key] = tensor.clone()
+        with parameters_on_meta():
+            pruned = type(self)(**{**self.config, "num_layers": len(kept)})
+        pruned.load_state_dict(state, strict=True, assign=True)
+        return pruned.train(self.training)
+
+
+def check_removable_blocks(indices: Sequence[int], num_layers: int) -> set[int]:
+    """The block indices to remove, checked against a model of `num_layers` blocks (UsageError for an
+    index out of range, the last block, which alone ends the text stream, or every block)."""
+    removed = {int(i) for i in indices}
+    outside = sorted(i for i in removed if not 0 <= i < num_layers)
+    if outside:
+        raise UsageError(f"block index {outside[0]} is out of range: the MMDiT has blocks 0..{num_layers - 1}")
+    if len(removed) >= num_layers:
+        raise UsageError(f"cannot remove every block ({num_layers}) of the MMDiT", hint="remove fewer blocks")
+    if num_layers - 1 in removed:
+        raise UsageError(f"cannot remove the last block ({num_layers - 1}): it ends the text stream (context pre-only)",
+                         hint=f"choose among blocks 0..{num_layers - 2}")
+    return removed
 
 
 # Real sizes (overrides of the defaults, which are the published Pyramid-Flow model).

@@ -34,7 +34,7 @@ from neodragon_cli.pipelines.data.latent_cache import (
 )
 from neodragon_cli.pipelines.data.shapes import ShapesVideoDataset, caption
 from neodragon_cli.pipelines.data.world_section import WorldSection
-from neodragon_cli.pipelines.flow.losses import build_flow_batch, pyramid_flow_loss
+from neodragon_cli.pipelines.flow.losses import FlowBatch, FlowLoss, build_flow_batch, pyramid_flow_loss
 from neodragon_cli.pipelines.flow.pipeline import PIPELINE_FILE, PIPELINE_FORMAT
 from neodragon_cli.pipelines.flow.sampler import SeededNoise, TextConditioning
 from neodragon_cli.pipelines.flow.settings import GenerationSettings, SamplingConfig
@@ -174,24 +174,33 @@ def draw_units(generator: torch.Generator, frames: int, first_share: float = 0.0
     return [int(u) for u in units]
 
 
-def t2v_loss(recipe: TrainT2VRecipe):
-    ratios = tuple(recipe.flow.sample_ratios)
+def t2v_flow_batch(flow_settings: FlowSection, model: TextToVideoModel, batch: dict, generator: torch.Generator) -> FlowBatch:
+    """One training step's pyramid flow-matching inputs and targets for `batch` (latents, captions,
+    optional object masks), every random draw from `generator`."""
+    noise = SeededNoise(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    latents = batch["latents"]
+    text = model.condition(batch["captions"])
+    null = model.condition([""])
+    # temporal pyramid: each stage trains one frame position, with the frames before it as history
+    units = draw_units(generator, latents.shape[2], flow_settings.first_frame_share)
+    return build_flow_batch(latents, text, null, noise, sample_ratios=tuple(flow_settings.sample_ratios),
+                            units_per_stage=units, corrupt_ratio=flow_settings.corrupt_ratio,
+                            text_dropout=flow_settings.text_dropout, focus=batch.get("object_masks"),
+                            focus_weight=flow_settings.object_weight)
 
+
+def stage_losses(out: FlowLoss, flow: FlowBatch) -> dict[str, torch.Tensor]:
+    """The loss of each pyramid stage present in `flow` (`loss_stage{s}`, detached)."""
+    stage_of_sample = torch.tensor([c.stage for c in flow.columns for _ in c.samples])  # column order
+    return {f"loss_stage{s}": out.per_sample[stage_of_sample == s].mean().detach()
+            for s in sorted(set(stage_of_sample.tolist()))}
+
+
+def t2v_loss(recipe: TrainT2VRecipe):
     def loss_fn(model: TextToVideoModel, batch: dict, generator: torch.Generator):
-        noise = SeededNoise(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        latents = batch["latents"]
-        text = model.condition(batch["captions"])
-        null = model.condition([""])
-        # temporal pyramid: each stage trains one frame position, with the frames before it as history
-        units = draw_units(generator, latents.shape[2], recipe.flow.first_frame_share)
-        flow = build_flow_batch(latents, text, null, noise, sample_ratios=ratios, units_per_stage=units,
-                                corrupt_ratio=recipe.flow.corrupt_ratio, text_dropout=recipe.flow.text_dropout,
-                                focus=batch.get("object_masks"), focus_weight=recipe.flow.object_weight)
+        flow = t2v_flow_batch(recipe.flow, model, batch, generator)
         out = pyramid_flow_loss(model.mmdit, flow)
-        stage_of_sample = torch.tensor([c.stage for c in flow.columns for _ in c.samples])  # column order
-        per_stage = {f"loss_stage{s}": out.per_sample[stage_of_sample == s].mean().detach()
-                     for s in sorted(set(stage_of_sample.tolist()))}
-        return out.loss, per_stage
+        return out.loss, stage_losses(out, flow)
 
     return loss_fn
 
