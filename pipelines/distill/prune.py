@@ -58,8 +58,7 @@ from neodragon_cli.pipelines.train.train_t2v import (
     T2VDataSection,
     TextToVideoModel,
     TrainT2VRecipe,
-    _batches,
-    _rank_zero_first,
+    flow_batches,
     stage_losses,
     t2v_flow_batch,
 )
@@ -296,7 +295,7 @@ def recipe_scores(recipe: PruneRecipe, parent: Parent, work: Path) -> list[dict]
                                 calibration=calibration)
         return report["blocks"]
 
-    return _rank_zero_first(measured)
+    return distributed.rank_zero_first(measured)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -407,8 +406,8 @@ def prune(recipe: PruneRecipe, out: Path, *, recipe_yaml: str, resume: bool, ove
     kept = [k for k in range(num_layers) if k not in removed]
     console.print(f"prune: removing blocks {removed} of {num_layers} ({recipe.blocks.policy}), keeping {kept}")
 
-    latents = _rank_zero_first(lambda: parent_latents(recipe, parent, work))
-    data = _batches(_t2v_view(recipe), latents)
+    latents = distributed.rank_zero_first(lambda: parent_latents(recipe, parent, work))
+    data = flow_batches(_t2v_view(recipe), latents)
     teacher = parent.mmdit.float()
     student = teacher.without_blocks(removed)
     seed_everything(recipe.train.seed)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,3 +110,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def rank_zero_first(make: Callable[[], T]) -> T:
+    """`make()` on rank 0, then, after a barrier, on the other ranks: rank 0 writes what it makes (caches,
+    tokenizer), the others find it written and read it."""
+    is_main = setup().is_main
+    if is_main:
+        made = make()
+    barrier()
+    if not is_main:
+        made = make()
+    return made

@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,7 +53,6 @@ from neodragon_cli.pipelines.train import TrainingOutcome, copy_metrics, distrib
 from neodragon_cli.pipelines.train.trainer import Trainer, TrainerConfig, derive_seed, latest_checkpoint, seed_everything
 from neodragon_cli.recipes import setting
 
-T = TypeVar("T")
 
 
 @dataclass
@@ -211,7 +210,7 @@ def _dataset(recipe: TrainT2VRecipe) -> ShapesVideoDataset:
     return ShapesVideoDataset(recipe.world.world(), length=length, seed=recipe.world.seed, split=recipe.world.split)
 
 
-def _batches(recipe: TrainT2VRecipe, latents: torch.Tensor, images: torch.Tensor | None = None):
+def flow_batches(recipe: TrainT2VRecipe, latents: torch.Tensor, images: torch.Tensor | None = None):
     """Batches of video latents, or (a `data.image_share` of them, chosen per batch from its first
     position) of first-frame latents of the image scenes."""
     dataset = _dataset(recipe)
@@ -293,18 +292,6 @@ def _prepare_work(recipe: TrainT2VRecipe, vae: CausalVideoVAE, norm: LatentNorm,
     return latents, images, norm
 
 
-def _rank_zero_first(make: Callable[[], T]) -> T:
-    """`make()` on rank 0, then, after a barrier, on the other ranks: rank 0 writes what it makes (caches,
-    tokenizer), the others find it written and read it."""
-    is_main = distributed.setup().is_main
-    if is_main:
-        made = make()
-    distributed.barrier()
-    if not is_main:
-        made = make()
-    return made
-
-
 @training_command("train-t2v", TrainT2VRecipe)
 def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> TrainingOutcome:
     """Encode the caches and train in `OUT.work/`, then (rank 0) write the pipeline folder `out/`."""
@@ -317,10 +304,10 @@ def train_t2v(recipe: TrainT2VRecipe, out: Path, *, recipe_yaml: str, resume: bo
     _check_resume(work, recipe, resume)
     vae = CausalVideoVAE.from_pretrained(vae_dir / "vae").eval()
     norm = LatentNorm(**json.loads((vae_dir / "latent_norm.json").read_text()))
-    latents, images, norm = _rank_zero_first(lambda: _prepare_work(recipe, vae, norm, work))
+    latents, images, norm = distributed.rank_zero_first(lambda: _prepare_work(recipe, vae, norm, work))
     seed_everything(recipe.train.seed)  # the initial weights too follow the recipe's seed
     model = build_t2v(recipe, work / "tokenizer")
-    trainer = Trainer(model, t2v_loss(recipe), _batches(recipe, latents, images), recipe.train, work / "run", resume=resume)
+    trainer = Trainer(model, t2v_loss(recipe), flow_batches(recipe, latents, images), recipe.train, work / "run", resume=resume)
     result = trainer.fit()
     if result.stopped:
         return TrainingOutcome(result.step, work, artifact=None)

@@ -21,7 +21,7 @@ from neodragon_cli.pipelines.data.latent_cache import (
 from neodragon_cli.pipelines.data.world_section import WorldSection
 from neodragon_cli.pipelines.eval.reconstruction import latent_colour_readout
 from neodragon_cli.pipelines.train.critic import FrameCritic, VAEWithCritic
-from neodragon_cli.pipelines.train.train_t2v import TrainT2VRecipe, _batches, _dataset, draw_units
+from neodragon_cli.pipelines.train.train_t2v import TrainT2VRecipe, _dataset, flow_batches, draw_units
 from neodragon_cli.pipelines.train.train_vae import TrainVAERecipe, _edges, object_latent_noise, pooled_colour, vae_loss
 
 SCENES = [
@@ -298,7 +298,7 @@ def test_image_batches_come_at_the_share_and_describe_the_image_scenes():
     recipe.flow.object_weight = 1.0
     videos = torch.zeros(5, 16, 2, 8, 8)
     images = torch.arange(6.0).view(6, 1, 1, 1, 1).expand(6, 16, 1, 8, 8).contiguous()  # image i is all i
-    batch = _batches(recipe, videos, images)
+    batch = flow_batches(recipe, videos, images)
     dataset, seen = _dataset(recipe), 0
     for step in range(400):
         positions = range(4 * step, 4 * step + 4)
@@ -314,7 +314,7 @@ def test_image_batches_come_at_the_share_and_describe_the_image_scenes():
             assert text == caption(scene, np.random.default_rng((recipe.world.seed, p, 2))).text
     assert 0.4 < seen / 400 < 0.6
     recipe.data.image_share = 0.0
-    only_videos = _batches(recipe, videos, images)
+    only_videos = flow_batches(recipe, videos, images)
     assert all(only_videos(range(4 * s, 4 * s + 4))["latents"].shape[2] == 2 for s in range(50))
 
 
