@@ -64,7 +64,7 @@ def encoder_fingerprint(vae: CausalVideoVAE, norm: LatentNorm) -> str:
     return digest.hexdigest()
 
 
-def _cached_latents(path: Path, count: int, chunk: int, what: str, source: dict[str, str],
+def cached_latents(path: Path, count: int, chunk: int, what: str, source: dict[str, str],
                     encode: Callable[[range], torch.Tensor]) -> torch.Tensor:
     """`count` normalised latents of scenes 0..count-1 of `source` (the cache's provenance, stored in the
     file's metadata), fp16 on disk. A cache of the same provenance is reused: cut when it holds more,
@@ -119,7 +119,7 @@ def encode_latent_cache(world: WorldSection, count: int, vae: CausalVideoVAE, no
     def encode(indices: range) -> torch.Tensor:
         return normalize(encode_videos(vae, torch.stack([dataset[i][0] for i in indices])), norm)
 
-    return _cached_latents(path, count, 4, "videos", _cache_source(world, vae, norm, "videos", 0), encode)
+    return cached_latents(path, count, 4, "videos", _cache_source(world, vae, norm, "videos", 0), encode)
 
 
 def encode_image_cache(world: WorldSection, first: int, count: int, vae: CausalVideoVAE, norm: LatentNorm,
@@ -133,7 +133,7 @@ def encode_image_cache(world: WorldSection, first: int, count: int, vae: CausalV
         return normalize(encode_videos(vae, torch.stack([video_tensor(shapes.render(s, frames=1)) for s in scenes])), norm)
 
     source = _cache_source(world, vae, norm, "first frames", first)
-    return _cached_latents(path, count, 64, "first frames", source, encode)
+    return cached_latents(path, count, 64, "first frames", source, encode)
 
 
 def cache_whitening(latents: torch.Tensor, floor: float, path: Path) -> LatentNorm:

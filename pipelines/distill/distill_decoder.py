@@ -41,18 +41,18 @@ from neodragon_cli.artifacts import ArtifactWriter, resolve_model
 from neodragon_cli.atomic import write_json
 from neodragon_cli.console import console
 from neodragon_cli.errors import CheckpointError, UsageError
-from neodragon_cli.pipelines.data.latent_cache import _cached_latents, encode_videos, encoder_fingerprint
+from neodragon_cli.pipelines.data.latent_cache import cached_latents, encode_videos, encoder_fingerprint
 from neodragon_cli.pipelines.data.video_folders import VideoFolderClips
 from neodragon_cli.pipelines.data.world_section import WorldSection
 from neodragon_cli.pipelines.eval.metrics import LPIPS
 from neodragon_cli.pipelines.eval.reconstruction import judge_reconstructions
 from neodragon_cli.pipelines.flow.pipeline import PIPELINE_FILE
-from neodragon_cli.pipelines.models.causal_vae import AsymmetricCausalVideoVAE, CausalVideoVAE, _CausalEncoding
+from neodragon_cli.pipelines.models.causal_vae import AsymmetricCausalVideoVAE, CausalEncodingVAE, CausalVideoVAE
 from neodragon_cli.pipelines.models.checkpoint import count_parameters
 from neodragon_cli.pipelines.models.latents import LatentNorm
 from neodragon_cli.pipelines.models.taehv import TAEHV
 from neodragon_cli.pipelines.train import TrainingOutcome, copy_metrics, distributed, training_command
-from neodragon_cli.pipelines.train.train_vae import _clip_sampler, _vae_folder
+from neodragon_cli.pipelines.train.train_vae import clip_sampler, vae_folder
 from neodragon_cli.pipelines.train.trainer import IndexedBatches, Trainer, TrainerConfig, latest_checkpoint, seed_everything
 from neodragon_cli.recipes import setting
 
@@ -129,7 +129,7 @@ class Parent:
 
     folder: Path
     spec: dict
-    vae: _CausalEncoding
+    vae: CausalEncodingVAE
 
     @property
     def vae_path(self) -> str:
@@ -155,7 +155,7 @@ def load_parent(parent: str) -> Parent:
         vae = registry.get(entry["component"]).load(folder / entry["path"])
     except CheckpointError as exc:
         raise UsageError(f"cannot load the parent's VAE: {exc.message}", hint=exc.hint) from None
-    if not isinstance(vae, _CausalEncoding):
+    if not isinstance(vae, CausalEncodingVAE):
         raise UsageError(f"{folder}: its vae ({entry['component']}) has no causal-VAE encoder to keep",
                          hint="the parent's vae role must be vae/pyramid-flow or vae/neodragon-asymmetric")
     return Parent(folder, spec, vae.float().eval())
@@ -169,7 +169,7 @@ def _config_for(cls: type, config: dict) -> dict:
     return {k: v for k, v in config.items() if k in fields}
 
 
-def build_student(section: DecoderSection, parent: _CausalEncoding) -> tuple[_CausalEncoding, list[str]]:
+def build_student(section: DecoderSection, parent: CausalEncodingVAE) -> tuple[CausalEncodingVAE, list[str]]:
     """The parent's encoder (weights copied, frozen) with a new decoder of `section.family`; returns it
     and the decoder keys left at their fresh initialisation when starting from `section.init`."""
     encoder_config = {k: v for k, v in parent.config.items() if k.startswith("encoder_")}
@@ -198,7 +198,7 @@ def build_student(section: DecoderSection, parent: _CausalEncoding) -> tuple[_Ca
     return student, fresh
 
 
-def _load_decoder_init(student: _CausalEncoding, section: DecoderSection) -> list[str]:
+def _load_decoder_init(student: CausalEncodingVAE, section: DecoderSection) -> list[str]:
     """Load `section.init`'s decoder into `student`; returns the decoder keys left fresh."""
     from neodragon_cli import registry
 
@@ -212,7 +212,7 @@ def _load_decoder_init(student: _CausalEncoding, section: DecoderSection) -> lis
             state = {k: v for k, v in state.items() if not k.startswith(RESTRIDED_TGROW)}
         else:
             cls = AsymmetricCausalVideoVAE if section.family == "taehv-8x" else CausalVideoVAE
-            state = {k: v for k, v in cls.read_checkpoint(_vae_folder(path)).state.items() if k.startswith("decoder.")}
+            state = {k: v for k, v in cls.read_checkpoint(vae_folder(path)).state.items() if k.startswith("decoder.")}
     except CheckpointError as exc:
         raise UsageError(f"cannot read decoder.init: {exc.message}", hint=exc.hint) from None
     own = {k: v for k, v in student.state_dict().items() if k.startswith("decoder.")}
@@ -227,7 +227,7 @@ def _load_decoder_init(student: _CausalEncoding, section: DecoderSection) -> lis
 # ---------------------------------------------------------------------------------------------- data
 
 
-def check_patch(patch: list[int], vae: _CausalEncoding) -> None:
+def check_patch(patch: list[int], vae: CausalEncodingVAE) -> None:
     """UsageError unless frames = 1 + k * temporal and the sides are multiples of spatial compression."""
     frames, height, width = patch
     t, s = vae.temporal_compression, vae.spatial_compression
@@ -247,10 +247,10 @@ def clip_source(recipe: DistillDecoderRecipe):
         raise UsageError(f"data.patch {data.patch} does not fit the Shapes world ({world.frames} x {world.height} x {world.width})",
                          hint="on the Shapes world the patch is square, within the canvas, at most world.frames long")
     settings = SimpleNamespace(world=recipe.world, data=SimpleNamespace(clip_frames=frames, crop=side, object_crops=data.object_crops))
-    return _clip_sampler(settings)
+    return clip_sampler(settings)
 
 
-def cached_clip_latents(recipe: DistillDecoderRecipe, vae: _CausalEncoding, clip, path: Path) -> torch.Tensor:
+def cached_clip_latents(recipe: DistillDecoderRecipe, vae: CausalEncodingVAE, clip, path: Path) -> torch.Tensor:
     """Raw encoder latents (posterior means) [clips, C, t, h, w] of clips 0..clips-1, cached at `path`."""
     data = recipe.data
     source = {"what": "decoder clips", "encoder": encoder_fingerprint(vae, RAW_LATENTS),
@@ -261,7 +261,7 @@ def cached_clip_latents(recipe: DistillDecoderRecipe, vae: _CausalEncoding, clip
     def encode(indices: range) -> torch.Tensor:
         return encode_videos(vae, torch.stack([clip(i) for i in indices]))
 
-    return _cached_latents(path, data.clips, data.encode_batch, "clips", source, encode)
+    return cached_latents(path, data.clips, data.encode_batch, "clips", source, encode)
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -301,7 +301,7 @@ def perceptual_distance(section: DecoderLossSection) -> tuple[nn.Module | None, 
 def decoder_loss(section: DecoderLossSection, perceptual: nn.Module | None):
     """loss(vae, {latents, video}) = w_mse * MSE + w_perceptual * mean per-frame perceptual distance."""
 
-    def loss_fn(vae: _CausalEncoding, batch: dict, generator: torch.Generator):
+    def loss_fn(vae: CausalEncodingVAE, batch: dict, generator: torch.Generator):
         recon = vae.decode(batch["latents"]).float()
         target = batch["video"]
         mse = F.mse_loss(recon, target)
@@ -318,7 +318,7 @@ def decoder_loss(section: DecoderLossSection, perceptual: nn.Module | None):
 # ---------------------------------------------------------------------------------------------- artifact
 
 
-def write_artifact(art: ArtifactWriter, parent: Parent, student: _CausalEncoding, component: str) -> None:
+def write_artifact(art: ArtifactWriter, parent: Parent, student: CausalEncodingVAE, component: str) -> None:
     """The parent pipeline with its vae role replaced by `student`; the latent normalisation is
     written out when the parent took it from its VAE class (the student's class may name another)."""
     art.copy_pipeline(parent.folder, replace="vae")

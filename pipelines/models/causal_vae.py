@@ -336,7 +336,7 @@ def _class_name_is(path: Path, name: str, marker_key: str) -> bool:
     return config.get("_class_name") == name or ("_class_name" not in config and marker_key in config)
 
 
-class _CausalEncoding(PretrainedModel):
+class CausalEncodingVAE(PretrainedModel):
     """Encoding shared by both VAEs: `encoder` + `quant_conv` -> DiagonalGaussian, optionally in chunks.
 
     Declared for the later commands: `temporal_compression` / `spatial_compression` (pixels per latent
@@ -398,7 +398,7 @@ class _CausalEncoding(PretrainedModel):
     description="Pyramid-Flow causal video VAE (8x8x8, 16 latent channels; causal_video_vae/ folder)",
     detect=lambda p: _class_name_is(p, "CausalVideoVAE", "decoder_block_out_channels"),
 )
-class CausalVideoVAE(_CausalEncoding):
+class CausalVideoVAE(CausalEncodingVAE):
     """Pyramid-Flow's causal video VAE. Constructor arguments are the published config.json fields;
     the defaults are the real model (encoder 109.6M, decoder 225.8M parameters).
 
@@ -492,7 +492,7 @@ class CausalVideoVAE(_CausalEncoding):
     description="Neodragon asymmetric VAE: Pyramid-Flow causal encoder + TAEHV-style 8x-temporal decoder",
     detect=lambda p: _class_name_is(p, "AsymmetricCausalVideoVAE", "decoder_num_features"),
 )
-class AsymmetricCausalVideoVAE(_CausalEncoding):
+class AsymmetricCausalVideoVAE(CausalEncodingVAE):
     """Neodragon's VAE: Pyramid-Flow's causal encoder (same key names) and a light TAEHV-style decoder
     (`decoder.blocks.{i}`). The decoder reads raw latents through post_quant_conv and returns video
     [B, 3, 8(T-1)+1, 8h, 8w] in about [-1, 1] (not clamped). Defaults are the released model."""

@@ -68,7 +68,7 @@ class VAEModelSection:
                 encoder_norm_num_groups=groups, sample_size=128, **fresh,
             )
         # GroupNorm parameters are per channel, so the group count may change when fine-tuning
-        vae = CausalVideoVAE.from_pretrained(_vae_folder(self.init), encoder_norm_num_groups=groups, decoder_norm_num_groups=groups)
+        vae = CausalVideoVAE.from_pretrained(vae_folder(self.init), encoder_norm_num_groups=groups, decoder_norm_num_groups=groups)
         config = vae.config
         if list(config["encoder_block_out_channels"]) != list(self.block_out_channels):
             raise UsageError(f"model.init {self.init} has widths {list(config['encoder_block_out_channels'])}, "
@@ -101,7 +101,7 @@ def _load_deepened(vae: CausalVideoVAE, parent: CausalVideoVAE, parent_layers: l
     assert not unexpected and sorted(missing) == sorted(added), "the parent's weights must fill all but the added resnets"
 
 
-def _vae_folder(path: str | Path) -> Path:
+def vae_folder(path: str | Path) -> Path:
     """The vae/ folder of a train-vae artifact (or the folder itself when it holds config.json)."""
     path = Path(path)
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
@@ -170,7 +170,7 @@ class TrainVAERecipe:
         return problems
 
 
-def _clip_sampler(recipe: TrainVAERecipe):
+def clip_sampler(recipe: TrainVAERecipe):
     dataset = ShapesVideoDataset(recipe.world.world(), length=10**9, seed=recipe.world.seed, split=recipe.world.split)
     t, c = recipe.data.clip_frames, recipe.data.crop
 
@@ -296,7 +296,7 @@ def train_vae(recipe: TrainVAERecipe, out: Path, *, recipe_yaml: str, resume: bo
     seed_everything(recipe.train.seed)  # the initial weights too follow the recipe's seed
     vae = recipe.model.build().to(memory_format=torch.channels_last_3d)
     model = VAEWithCritic(vae, FrameCritic()) if recipe.loss.adversarial else vae
-    sample = _clip_sampler(recipe)
+    sample = clip_sampler(recipe)
     trainer = Trainer(
         model, vae_loss(recipe.loss), lambda positions: torch.stack([sample(i) for i in positions]),
         recipe.train, work, resume=resume,
