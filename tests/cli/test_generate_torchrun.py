@@ -5,30 +5,12 @@ the batch report, which lists every video."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-import torch.distributed as dist
+from torchrun_cli import MARKS, run_neodragon
 from test_generate import tiny_model  # noqa: F401 -- the module-scoped tiny pipeline fixture
 
-NEODRAGON = shutil.which("neodragon", path=str(Path(sys.executable).parent)) or shutil.which("neodragon")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo"),
-    pytest.mark.skipif(NEODRAGON is None, reason="the neodragon entry point is not installed"),
-]
-
-
-def _generate(launcher: list[str], args: list[str]) -> str:
-    proc = subprocess.run([*launcher, NEODRAGON, "generate", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stderr
+pytestmark = MARKS
 
 
 def test_two_ranks_write_the_files_of_one_process(tiny_model, tmp_path):  # noqa: F811
@@ -37,9 +19,8 @@ def test_two_ranks_write_the_files_of_one_process(tiny_model, tmp_path):  # noqa
     common = ["--prompts-file", str(prompts), "--model", str(tiny_model), "--num-samples", "1", "--frames", "9",
               "--first-steps", "1-1-1", "--steps", "1-1-1"]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
-    _generate([], [*common, "-o", str(one)])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    log = _generate(torchrun, [*common, "-o", str(two), "--json", str(tmp_path / "two.json")])
+    run_neodragon(["generate", *common, "-o", str(one)], ranks=1, timeout=300)
+    log = run_neodragon(["generate", *common, "-o", str(two), "--json", str(tmp_path / "two.json")], timeout=300)
     videos = sorted(p.name for p in one.glob("*.mp4"))
     assert len(videos) == 3 and sorted(p.name for p in two.glob("*.mp4")) == videos
     assert all((one / name).read_bytes() == (two / name).read_bytes() for name in videos)

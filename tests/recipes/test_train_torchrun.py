@@ -5,15 +5,10 @@ caches and writes the artifact."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -21,14 +16,9 @@ from neodragon_cli import recipes as R
 from neodragon_cli.app import app
 from neodragon_cli.artifacts import read_state, verify_artifact
 from neodragon_cli.pipelines.train.trainer import seed_everything
+from torchrun_cli import MARKS, run_neodragon
 
-NEODRAGON = shutil.which("neodragon", path=str(Path(sys.executable).parent)) or shutil.which("neodragon")
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo"),
-    pytest.mark.skipif(NEODRAGON is None, reason="the neodragon entry point is not installed"),
-]
+pytestmark = MARKS
 
 WORLD = ["world.height=64", "world.width=64", "world.frames=9"]
 TRAIN = ["train.max_steps=2", "train.warmup_steps=0", "train.checkpoint_every=0", "train.log_every=1"]
@@ -40,12 +30,7 @@ VAE = ["shapes/teacher_vae", *WORLD, *TRAIN, "train.batch_size=2", "train.lr=1e-
 
 
 def _torchrun(args: list[str], out: Path) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               NEODRAGON, "train", *args, "-o", str(out)]
-    proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+    return run_neodragon(["train", *args, "-o", str(out)], timeout=300)
 
 
 def _one_process(args: list[str], out: Path) -> None:
