@@ -23,16 +23,9 @@ def distill_decoder(
     (MSE + LPIPS or a named substitute). The encoder latents of the training clips are cached once in
     OUT.work/latents.safetensors; checkpoints go to OUT.work/run (Ctrl-C saves one; --resume continues
     exactly). Under `torchrun --nproc_per_node N` the ranks share each batch; rank 0 writes the files."""
-    from neodragon_cli import recipes as R
-    from neodragon_cli.artifacts import check_output_dir
-    from neodragon_cli.console import console
-    from neodragon_cli.pipelines.distill.distill_decoder import distill_decoder as run
+    from neodragon_cli.commands._training import run_training_recipe
 
-    obj = R.load(recipe, overrides or [], command="distill-decoder")
-    check_output_dir(out, overwrite)
-    outcome = run(obj, out, recipe_yaml=R.dump(obj), resume=resume, overwrite=overwrite)
-    if outcome.stopped:
-        console.print(f"stopped at step {outcome.step}; continue with --resume (checkpoints in {outcome.work})")
+    run_training_recipe("distill-decoder", recipe, overrides, out, resume=resume, overwrite=overwrite)
 
 
 def register(app: typer.Typer) -> None:

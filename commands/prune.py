@@ -42,16 +42,9 @@ def run(
     Stage 2 (distillation from the unpruned teacher). Checkpoints go to OUT.work/stage{1,2} (Ctrl-C saves
     one; --resume continues exactly); train.max_steps caps each stage. Under `torchrun --nproc_per_node N`
     the ranks share each batch; rank 0 writes the files."""
-    from neodragon_cli import recipes as R
-    from neodragon_cli.artifacts import check_output_dir
-    from neodragon_cli.console import console
-    from neodragon_cli.pipelines.distill.prune import prune as run_prune
+    from neodragon_cli.commands._training import run_training_recipe
 
-    obj = R.load(recipe, overrides or [], command="prune")
-    check_output_dir(out, overwrite)
-    outcome = run_prune(obj, out, recipe_yaml=R.dump(obj), resume=resume, overwrite=overwrite)
-    if outcome.stopped:
-        console.print(f"stopped at step {outcome.step}; continue with --resume (checkpoints in {outcome.work})")
+    run_training_recipe("prune", recipe, overrides, out, resume=resume, overwrite=overwrite)
 
 
 @prune_app.command("scores")

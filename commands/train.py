@@ -13,7 +13,7 @@ import typer
 
 
 def train(
-    recipe: str = typer.Argument(..., help="A train-vae or train-t2v recipe (shipped name or YAML path)."),
+    recipe: str = typer.Argument(..., help="A training recipe: train-vae, train-t2v, or an optimisation command's (shipped name or YAML path)."),
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides."),
     out: Path = typer.Option(..., "-o", "--out", help="Artifact folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT.work/."),
@@ -22,21 +22,9 @@ def train(
     """Train a Shapes-teacher stage. Checkpoints go to OUT.work/ (Ctrl-C saves one; --resume continues
     exactly); the finished artifact (weights, recipe.yaml, metrics.jsonl, state.json) goes to OUT.
     Under `torchrun --nproc_per_node N` the ranks share each batch; rank 0 writes the files."""
-    from neodragon_cli import recipes as R
-    from neodragon_cli.artifacts import check_output_dir
-    from neodragon_cli.console import console
-    from neodragon_cli.errors import UsageError
-    from neodragon_cli.pipelines.train import training_commands
+    from neodragon_cli.commands._training import run_training_recipe
 
-    commands = training_commands()  # registers their recipe schemas before the recipe is read
-    obj = R.load(recipe, overrides or [])
-    command = R.command_of(obj)
-    if command not in commands:
-        raise UsageError(f"recipe is for '{command}', not a training stage", hint=f"use a {' or '.join(commands)} recipe")
-    check_output_dir(out, overwrite)
-    outcome = commands[command].run(obj, out, recipe_yaml=R.dump(obj), resume=resume, overwrite=overwrite)
-    if outcome.stopped:
-        console.print(f"stopped at step {outcome.step}; continue with --resume (checkpoints in {outcome.work})")
+    run_training_recipe(None, recipe, overrides, out, resume=resume, overwrite=overwrite)
 
 
 def register(app: typer.Typer) -> None:

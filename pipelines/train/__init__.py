@@ -73,8 +73,10 @@ def training_command(name: str, schema: type) -> Callable[[RunFn], RunFn]:
 
 
 def training_commands() -> dict[str, TrainingCommand]:
-    """Every training command, by name (importing the modules that register them)."""
+    """Every training command, by name (importing the modules that register them: the Shapes stages here,
+    the optimisation commands in `pipelines/distill`)."""
     import_submodules(__name__)
+    import_submodules("neodragon_cli.pipelines.distill")
     return dict(sorted(_COMMANDS.items()))
 
 
