@@ -46,12 +46,7 @@ FAMILIES = {
 VAES = (CausalVideoVAE, AsymmetricCausalVideoVAE, TAEHV, TAEHVDecoder)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_model(name: str) -> PretrainedModel:

@@ -27,12 +27,7 @@ FULL = dict(seed=3, max_steps=10, batch_size=8, grad_accum=2, lr=3e-2, schedule=
             weight_decay=0.01, grad_clip=0.5, ema=0.9, checkpoint_every=3, log_every=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint(out: Path) -> dict:

@@ -38,12 +38,7 @@ def _seeded(factory, seed=0):
     return model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _video(t=17, size=16, seed=1):
