@@ -156,6 +156,47 @@ class PyramidFlowScheduler:
         noise = (sample - signal) / (ratio * start + (1 - ratio) * end)
         return (start - end) * noise + (1 - start) * coarse - (1 - end) * clean
 
+    def clean_from_velocity(self, sample: torch.Tensor, velocity: torch.Tensor, stage: int, ratio: float | torch.Tensor) -> torch.Tensor:
+        """The stage's clean latent z that a velocity implies at `sample` (the inverse of
+        `velocity_from_clean`), both `[B, C, T, h, w]`; `ratio` a float or one per sample.
+
+        end = x - r v and start = x + (1 - r) v; their 2x2-block means P (= Up(Down(.))) give the coarse
+        clean P z = (E P start - S P end) / (E - S), then the noise n = (start - (1 - S) P z) / S and
+        z = (end - E n) / (1 - E). In the last stage (E = 0) z = end = x - r v; in stage 0 start is the
+        noise itself."""
+        table = self.stages[stage]
+        start_level, end_level = table.start_sigma, table.end_sigma
+        if isinstance(ratio, torch.Tensor):
+            ratio = ratio.to(sample).view(-1, *[1] * (sample.dim() - 1))
+        velocity = velocity.to(sample.dtype)
+        end = sample - ratio * velocity
+        if end_level == 0:
+            return end
+        start = end + velocity
+        if stage == 0:
+            noise = start
+        else:
+            block_mean = lambda y: upsample_nearest_2x(downsample_2x(y))  # noqa: E731
+            coarse = (end_level * block_mean(start) - start_level * block_mean(end)) / (end_level - start_level)
+            noise = (start - (1 - start_level) * coarse) / start_level
+        return (end - end_level * noise) / (1 - end_level)
+
+    def stage_point(self, clean: torch.Tensor, noise: torch.Tensor, stage: int, ratio: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, velocity) of the training path of `stage` at local ratio r for the stage's clean latent
+        `clean` and unit-variance `noise` at its resolution (as `losses.build_flow_batch` draws them):
+        start = S n + (1 - S) Up(Down(z)) (n in stage 0), end = E n + (1 - E) z, x = r start + (1 - r) end,
+        velocity = start - end."""
+        table = self.stages[stage]
+        if isinstance(ratio, torch.Tensor):
+            ratio = ratio.to(clean).view(-1, *[1] * (clean.dim() - 1))
+        noise = noise.to(clean)
+        if stage == 0:
+            start = noise
+        else:
+            start = table.start_sigma * noise + (1 - table.start_sigma) * upsample_nearest_2x(downsample_2x(clean))
+        end = clean if table.end_sigma == 0 else table.end_sigma * noise + (1 - table.end_sigma) * clean
+        return ratio * start + (1 - ratio) * end, start - end
+
     # ------------------------------------------------------------------ stage jumps
 
     def jump_coefficients(self, stage: int) -> tuple[float, float]:
