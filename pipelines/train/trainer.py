@@ -139,7 +139,9 @@ class LoopConfig:
     max_steps: int = setting(1000, "training steps in the whole run (with one model: optimizer updates)")
     batch_size: int = setting(8, "global batch: samples per optimizer update, over all ranks and accumulation steps")
     grad_accum: int = setting(1, "micro-batches accumulated per update on each rank")
-    precision: Literal["fp32", "bf16"] = setting("fp32", "bf16: forward and loss under bf16 autocast, fp32 weights")
+    precision: Literal["fp32", "bf16", "auto"] = setting(
+        "fp32", "bf16: forward and loss under bf16 autocast, fp32 weights; auto: bf16 where the device computes it natively"
+    )
     checkpoint_every: int = setting(500, "checkpoint every N steps (0: only at the end or when stopped)")
     keep_every: int = setting(0, "also keep the checkpoints whose step is a multiple of N, to compare them later (0: only the latest)")
     log_every: int = setting(10, "append a metrics.jsonl line every N steps")
@@ -157,6 +159,26 @@ class LoopConfig:
         if self.batch_size >= 1 and self.grad_accum >= 1 and self.batch_size % self.grad_accum:
             problems.append(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         return problems
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively: a CUDA device that supports bf16, or a CPU with
+    AMX or AVX-512 BF16. Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated and several times slower
+    than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to tell, so do not guess
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run uses: `auto` becomes bf16 on devices with native bf16, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 @dataclass
@@ -324,6 +346,7 @@ class MultiModelTrainer:
         self.out_dir = Path(out_dir)
         self.env = distributed.setup(device)
         self.device = self.env.device
+        self.precision = resolve_precision(config.precision, self.device)
         per_update = self.env.world_size * config.grad_accum
         if config.batch_size % per_update:
             raise UsageError(
@@ -467,6 +490,7 @@ class MultiModelTrainer:
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "config": asdict(self.config),
+            "precision": self.precision,  # what `auto` became: a resume elsewhere keeps it
             "world_size": self.env.world_size,
             "phases": _layout(self.phases),
             "models": {name: self.model_state_dict(name) for name in self._trained},
@@ -510,6 +534,8 @@ class MultiModelTrainer:
                     f" now {key}={getattr(self.config, key)}",
                     hint=f"resume with {key}={saved[key]} (the sample stream depends on it), or start a new run",
                 )
+        if self.config.precision == "auto":
+            self.precision = state.get("precision", self.precision)
         if state["phases"] != _layout(self.phases) or set(state["models"]) != set(self._trained):
             raise UsageError(
                 f"cannot resume {path.name}: it trained {', '.join(state['models'])} in phases {state['phases']},"
@@ -597,7 +623,7 @@ class MultiModelTrainer:
             for group in trained.optimizer.param_groups:
                 group["lr"] = self._lr(trained.config, step)
         sums: dict[str, torch.Tensor] = {}
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         for micro in range(cfg.grad_accum):
             first = draw * cfg.batch_size + (micro * self.env.world_size + self.env.rank) * self.micro_batch
             positions = range(first, first + self.micro_batch)

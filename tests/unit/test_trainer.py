@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 from neodragon_cli.errors import ArtifactError, UsageError
 from neodragon_cli.pipelines.train import distributed
-from neodragon_cli.pipelines.train.trainer import IndexedBatches, Trainer, TrainerConfig, latest_checkpoint, lr_at
+from neodragon_cli.pipelines.train.trainer import (
+    IndexedBatches, Trainer, TrainerConfig, latest_checkpoint, lr_at, resolve_precision,
+)
 from trainer_toy import assert_tree_equal, read_metrics, ToyMLP, make_trainer, sample
 
 TOY_SCRIPT = Path(__file__).with_name("trainer_toy.py")
@@ -213,3 +215,20 @@ def test_process_group_leaves_a_running_group_to_its_owner(tmp_path):
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_auto_precision_follows_the_device_and_survives_a_resume(tmp_path, monkeypatch):
+    from neodragon_cli.pipelines.train import trainer as trainer_module
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    first = make_trainer(tmp_path, dict(max_steps=1, batch_size=4, precision="auto", checkpoint_every=1))
+    assert first.precision == "bf16"
+    first.fit()
+    # resumed where bf16 is emulated: the run keeps the precision it started with
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    resumed = make_trainer(tmp_path, dict(max_steps=2, batch_size=4, precision="auto", checkpoint_every=1), resume=True)
+    assert resumed.precision == "bf16"
