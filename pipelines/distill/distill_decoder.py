@@ -352,7 +352,7 @@ def distill_decoder(recipe: DistillDecoderRecipe, out: Path, *, recipe_yaml: str
     if not env.is_main:
         latents = cached_clip_latents(recipe, parent.vae, clip, cache)
     data = IndexedBatches(lambda i: {"latents": latents[i], "video": clip(i)}, length=recipe.data.clips, seed=recipe.train.seed)
-    trainer = Trainer(student, decoder_loss(recipe.loss, perceptual), data, recipe.train, work / "run", resume=resume)
+    trainer = Trainer(student, decoder_loss(recipe.loss, perceptual), data, recipe.train, work / "run", resume=resume, samples="clips")
     first_step, started = trainer.step, time.perf_counter()
     result = trainer.fit()
     clips_s = (result.step - first_step) * recipe.train.batch_size / max(time.perf_counter() - started, 1e-9)

@@ -390,7 +390,7 @@ def distill_te(recipe: DistillTERecipe, out: Path, *, recipe_yaml: str, resume: 
         targets = cache()
     teacher.bundle.t5_encoder = None  # the teacher encoder is done: free it for training
     trainer = Trainer(path, distillation_loss(recipe.loss.w_mse, recipe.loss.w_cd), prompt_batches(mixture, targets),
-                      recipe.train, work / "run", resume=resume)
+                      recipe.train, work / "run", resume=resume, samples="prompts")
     first_step, started = trainer.step, time.perf_counter()
     result = trainer.fit()
     prompts_s = (result.step - first_step) * recipe.train.batch_size / max(time.perf_counter() - started, 1e-9)

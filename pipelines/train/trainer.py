@@ -334,7 +334,8 @@ class MultiModelTrainer:
 
     def __init__(self, models: Mapping[str, nn.Module], optimizers: Mapping[str, OptimizerConfig],
                  phases: Sequence[Phase], data: Callable[[range], Any], config: LoopConfig, out_dir: str | Path,
-                 *, resume: bool = False, progress: bool = True, device: str | torch.device | None = None):
+                 *, resume: bool = False, progress: bool = True, device: str | torch.device | None = None,
+                 samples: str = "samples"):
         problems = LoopConfig.validate(config) + self._plan_problems(models, optimizers, phases)
         for name, settings in optimizers.items():
             problems += [f"{name}: {p}" for p in OptimizerConfig.validate(settings, config.max_steps)]
@@ -365,6 +366,7 @@ class MultiModelTrainer:
                 module.eval().requires_grad_(False)
         self.data = data
         self.show_progress = progress
+        self.samples = samples  # what one item of the batch is, for the progress bar's throughput
         self.step = 0
         self._stop_requested = False
         self._last_metrics: dict[str, float] = {}
@@ -705,13 +707,13 @@ class MultiModelTrainer:
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = progress("loss", disable=not (self.show_progress and self.env.is_main and console.is_terminal))
+        bar = progress("loss", "throughput", disable=not (self.show_progress and self.env.is_main and console.is_terminal))
         for trained in self._trained.values():
             trained.module.train()
         stopped = False
         try:
             with bar:
-                task = bar.add_task("train", total=cfg.max_steps, completed=self.step, loss="-")
+                task = bar.add_task("train", total=cfg.max_steps, completed=self.step, loss="-", throughput="-")
                 sums: dict[str, torch.Tensor] = {}
                 start = window_start = time.perf_counter()
                 window_steps = 0
@@ -727,7 +729,8 @@ class MultiModelTrainer:
                     if last or self.step % cfg.log_every == 0:
                         now = time.perf_counter()
                         self._last_metrics = self._log(sums, window_steps, now - window_start, now - start)
-                        bar.update(task, loss=self._loss_text(self._last_metrics))
+                        rate = window_steps * cfg.batch_size / max(now - window_start, 1e-9)
+                        bar.update(task, loss=self._loss_text(self._last_metrics), throughput=f"{rate:.1f} {self.samples}/s")
                         sums, window_steps, window_start = {}, 0, now
                     if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                         self.save_checkpoint()
@@ -748,7 +751,7 @@ class Trainer(MultiModelTrainer):
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Callable[[range], Any], config: TrainerConfig,
                  out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, samples: str = "samples"):
         problems = config.validate()
         if problems:
             raise UsageError(f"invalid trainer settings: {'; '.join(problems)}",
@@ -759,7 +762,7 @@ class Trainer(MultiModelTrainer):
 
         phase = Phase("train", model_loss, (_ONLY_MODEL,), unused_parameters=False)
         super().__init__({_ONLY_MODEL: model}, {_ONLY_MODEL: config}, [phase], data, config, out_dir,
-                         resume=resume, progress=progress, device=device)
+                         resume=resume, progress=progress, device=device, samples=samples)
 
     @property
     def model(self) -> nn.Module:
