@@ -358,6 +358,17 @@ def load(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = (), 
     return obj
 
 
+def build(cls: type, data: Any, *, source: str, prefix: str = ""):
+    """Instantiate schema dataclass `cls` from plain `data` with the checks a recipe file gets (unknown
+    keys with a did-you-mean, types, `validate`); RecipeError lists every problem as `source: prefix.key: ...`
+    (for settings that arrive inside another recipe, e.g. a chain step's options)."""
+    problems: list[str] = []
+    obj = _build(cls, data, prefix, lambda dotted: source, problems)
+    if problems:
+        raise RecipeError(problems, hint="fix the recipe or the override")
+    return obj
+
+
 def validate(path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Every problem of a recipe (empty list when valid)."""
     try:
