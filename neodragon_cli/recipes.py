@@ -39,6 +39,7 @@ SCHEMA_MODULES = (
     "neodragon_cli.pipelines.flow.settings",  # generate
     "neodragon_cli.pipelines.train",  # one module per training command
     "neodragon_cli.pipelines.distill",  # the optimisation commands that train
+    "neodragon_cli.pipelines.chain",  # `run`: chains of commands
 )
 
 
