@@ -1,9 +1,10 @@
 """`neodragon prune`: MMDiT block pruning (paper §3.3).
 
     neodragon prune scores MODEL -o REPORT_DIR [--prompts FILE] [--videos-per-prompt N]
+    neodragon prune guidance MODEL -o REPORT_DIR [--prompts FILE] [--videos-per-prompt N] [--max-prompts N] [--steps S]
     neodragon prune RECIPE [key=value ...] -o OUT [--resume] [--overwrite]   (= `prune run RECIPE`)
 
-The work is in `pipelines/distill/prune.py` and `block_importance.py`; torch and the pipelines are
+The work is in `pipelines/distill/prune.py`, `block_importance.py` and `drop_one.py`; torch and the pipelines are
 imported inside the handlers, so `neodragon --help` stays fast.
 """
 
@@ -68,7 +69,72 @@ def scores(
     for block in report["blocks"]:
         text = "-" if block["text"] is None else f"{block['text']:.4f}"
         console.print(f"block {block['block']:3d}  visual {block['visual']:.4f}  text {text}")
+    _print_correlation(report)
     console.print(f"wrote {out / 'scores.json'} and {out / 'block_importance.png'}")
+
+
+def _print_correlation(report: dict) -> None:
+    from neodragon_cli.console import console
+
+    corr = report["rank_correlation"]
+    rho = "undefined" if corr["spearman_visual_text"] is None else f"{corr['spearman_visual_text']:+.3f}"
+    console.print(f"Spearman rank correlation of visual and text scores over {corr['blocks']} blocks: {rho}")
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@prune_app.command("guidance")
+def guidance(
+    model: str = typer.Argument(..., help="A pipeline folder or an embedded model's name."),
+    out: Path = typer.Option(..., "-o", "--out", help="Report folder: a `prune scores` folder to add to, or a new one."),
+    prompts: Path = typer.Option(None, "--prompts", help="Calibration prompts (one per line, or .jsonl/.csv/.parquet); default: Shapes captions."),
+    videos_per_prompt: int = typer.Option(1, "--videos-per-prompt", min=1, help="Videos generated per prompt and variant."),
+    max_prompts: int = typer.Option(10, "--max-prompts", min=1, help="Use only the first N calibration prompts."),
+    steps: str = typer.Option(None, "--steps", help="Euler steps per stage, e.g. 4-4-4 (default: the model's)."),
+    frames: int = typer.Option(None, "--frames", help="Video frames, 1 + 8k (default: the model's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the calibration videos."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Measure again into a folder that already holds drop-one numbers."),
+) -> None:
+    """Drop-one guidance (paper Fig. 8, automated): generate the calibration videos without each block
+    in turn, write a contact sheet per prompt, score every variant with the eval judge and with its
+    PSNR / SSIM to the full model's video of the same seed, and merge the numbers into scores.json
+    (for `blocks.policy=guided`)."""
+    from neodragon_cli.console import console, progress
+    from neodragon_cli.errors import UsageError
+    from neodragon_cli.pipelines.distill.drop_one import measure_drop_one
+    from neodragon_cli.pipelines.distill.prune import CalibrationSection, calibration_prompts
+    from neodragon_cli.pipelines.flow.scheduler import parse_steps
+    from neodragon_cli.pipelines.flow.settings import GenerationSettings
+
+    try:
+        per_stage = list(parse_steps(steps)) if steps is not None else None
+    except ValueError as exc:
+        raise UsageError(f"--steps: {exc}") from None
+    settings = GenerationSettings(first_steps=per_stage, video_steps=per_stage, frames=frames)
+    problems = settings.validate()
+    if problems:
+        raise UsageError(problems[0])
+    texts = calibration_prompts(CalibrationSection(prompts=str(prompts or ""), seed=seed))[:max_prompts]
+    with progress() as bar:
+        task = bar.add_task("full model", total=len(texts) * videos_per_prompt)
+        report = measure_drop_one(
+            model, texts, videos_per_prompt=videos_per_prompt, seed=seed, report_dir=out, settings=settings,
+            overwrite=overwrite, progress=lambda name, done, total: bar.update(task, description=name, completed=done),
+            log=console.print,
+        )
+    full = report["drop_one"]["full_model"]
+    console.print(f"full model: Total {_fmt(full['total'])}  {full['seconds_per_video']:.2f} s per video")
+    for block in report["blocks"]:
+        drop = block["drop_one"]
+        if drop is None:
+            continue
+        console.print(f"without block {block['block']:3d}: PSNR {drop['psnr']:6.2f} dB  SSIM {_fmt(drop['ssim'])}  "
+                      f"Total {_fmt(drop['total'])} ({_fmt(drop['total_drop'], '+.4f')} lost)")
+    _print_correlation(report)
+    console.print(f"wrote {out / 'scores.json'}, {out / 'block_importance.png'} and "
+                  f"{len(report['drop_one']['sheets'])} contact sheets in {out / 'drop_one'}")
 
 
 def register(app: typer.Typer) -> None:

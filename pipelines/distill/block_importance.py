@@ -9,6 +9,9 @@ its tokens unchanged scores 0; pruning removes the blocks that score lowest.
 Scores are collected with forward hooks on the blocks while real videos are generated from
 calibration prompts. Under classifier-free guidance one MMDiT call holds both passes ([negative;
 positive] rows, `sampler.py`); text scores are also kept per pass (`uncond`, `cond`).
+
+Whether the two scores agree (the paper: they do not) is measured by their Spearman rank correlation
+over the blocks that have both, written into every report (`rank_correlation`).
 """
 
 from __future__ import annotations
@@ -117,35 +120,73 @@ class ImportanceAccumulator:
         return blocks
 
 
-def calibration_scores(pipeline, prompts: Sequence[str], *, videos_per_prompt: int, seed: int,
-                       progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Block importance of `pipeline.mmdit` over `videos_per_prompt` generations of each prompt with the
-    pipeline's default settings, video i of a prompt seeded by `sample_seed(seed, prompt, i)`.
-    `progress(done, total)` is called after each video. UsageError for an empty prompt list."""
+@dataclass
+class CalibrationVideo:
+    prompt: str
+    sample: int  # video index within the prompt
+    seed: int  # sample_seed(seed, prompt, sample)
+    frames: object  # uint8 [T, H, W, 3] (numpy) when kept, else None
+
+
+def calibration_videos(pipeline, prompts: Sequence[str], *, videos_per_prompt: int, seed: int, settings=None,
+                       keep_frames: bool = False) -> Iterator[CalibrationVideo]:
+    """Generate `videos_per_prompt` videos of each prompt with the pipeline's defaults overlaid with
+    `settings` (a `GenerationSettings` layer or None), video i of a prompt seeded by
+    `sample_seed(seed, prompt, i)`, yielding each once made (frames only with `keep_frames`).
+    UsageError for an empty prompt list or fewer than one video per prompt."""
     from neodragon_cli.pipelines.flow.pipeline import sample_seed
 
     if not prompts:
         raise UsageError("no calibration prompts", hint="give a prompts file with one prompt per line")
     if videos_per_prompt < 1:
         raise UsageError(f"videos per prompt must be at least 1, got {videos_per_prompt}")
-    settings = pipeline.settings()
-    pipeline.check(settings)
+    resolved = pipeline.settings(settings)
+    pipeline.check(resolved)
+    for prompt in prompts:
+        for i in range(videos_per_prompt):
+            video_seed = sample_seed(seed, prompt, i)
+            sink = None if keep_frames else (lambda frames: None)
+            result = pipeline.generate(prompt, resolved, seed=video_seed, sink=sink)
+            yield CalibrationVideo(prompt, i, video_seed, result.frames)
+
+
+def calibration_scores(pipeline, prompts: Sequence[str], *, videos_per_prompt: int, seed: int,
+                       progress: Callable[[int, int], None] | None = None, settings=None,
+                       on_video: Callable[[CalibrationVideo], None] | None = None) -> list[dict]:
+    """Block importance of `pipeline.mmdit` over the videos of `calibration_videos` (same arguments;
+    with `on_video`, each video is handed to it with its frames). `progress(done, total)` is called
+    after each video. UsageError for an empty prompt list."""
     accumulator = ImportanceAccumulator(len(pipeline.mmdit.transformer_blocks))
-    total, done = len(prompts) * videos_per_prompt, 0
+    total = len(prompts) * videos_per_prompt
+    videos = calibration_videos(pipeline, prompts, videos_per_prompt=videos_per_prompt, seed=seed, settings=settings,
+                                keep_frames=on_video is not None)
     with block_calls(pipeline.mmdit, accumulator):
-        for prompt in prompts:
-            for i in range(videos_per_prompt):
-                pipeline.generate(prompt, settings, seed=sample_seed(seed, prompt, i), sink=lambda frames: None)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+        for done, video in enumerate(videos, 1):
+            if on_video is not None:
+                on_video(video)
+            if progress is not None:
+                progress(done, total)
     return accumulator.scores()
 
 
+def rank_correlation(blocks: list[dict]) -> dict:
+    """{"spearman_visual_text": rho, "blocks": n}: the Spearman rank correlation between the visual
+    and the text scores of the n blocks that have both (every block but the last; ties get their
+    average rank); rho is None with fewer than 3 such blocks or a constant score."""
+    from scipy.stats import spearmanr
+
+    pairs = [(b["visual"], b["text"]) for b in blocks if b.get("visual") is not None and b.get("text") is not None]
+    rho = None
+    if len(pairs) >= 3 and len({v for v, _ in pairs}) > 1 and len({t for _, t in pairs}) > 1:
+        rho = float(spearmanr([v for v, _ in pairs], [t for _, t in pairs])[0])
+    return {"spearman_visual_text": rho, "blocks": len(pairs)}
+
+
 def write_report(folder: Path, blocks: list[dict], **provenance) -> dict:
-    """`scores.json` ({"blocks": [...], **provenance}) and the bar chart `block_importance.png`
-    (visual and text score per block, as the paper's Fig. 7) in `folder`; returns the JSON."""
-    report = {**provenance, "blocks": blocks}
+    """`scores.json` ({**provenance, "rank_correlation": {...}, "blocks": [...]}) and the bar chart
+    `block_importance.png` (visual and text score per block, as the paper's Fig. 7) in `folder`;
+    returns the JSON (`rank_correlation`: see `rank_correlation`)."""
+    report = {**provenance, "rank_correlation": rank_correlation(blocks), "blocks": blocks}
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / SCORES_FILE, report)
     plot_scores(blocks, folder / CHART_FILE)
