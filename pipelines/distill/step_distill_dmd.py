@@ -47,9 +47,10 @@ from neodragon_cli.pipelines.train.trainer import MultiModelTrainer, Phase
 
 
 def dmd_gradient(generated: torch.Tensor, real_clean: torch.Tensor, fake_clean: torch.Tensor) -> torch.Tensor:
-    """(fake_clean - real_clean) / mean|generated - real_clean|, the mean per sample (DMD's weight)."""
+    """(fake_clean - real_clean) / mean|generated - real_clean|, the mean per sample (DMD's weight; floored
+    at 1e-8, where a sample equal to the real prediction would divide by 0)."""
     dims = tuple(range(1, generated.dim()))
-    weight = 1.0 / (generated - real_clean).abs().mean(dim=dims, keepdim=True)
+    weight = 1.0 / (generated - real_clean).abs().mean(dim=dims, keepdim=True).clamp(min=1e-8)
     return torch.nan_to_num((fake_clean - real_clean) * weight)
 
 

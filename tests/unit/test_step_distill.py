@@ -1,0 +1,137 @@
+"""`step-distill` building blocks on tiny real-architecture MMDiTs: the clean-latent readout inverts the
+flow loss's construction, the DMD gradient equals its definition on a hand case, the student's rollout
+stops at exactly the sampler's call, progressive's teacher endpoint is the sampler run with the
+quantised schedule, and the schedule / teacher-grid rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_prune import tiny_mmdit
+
+from neodragon_cli.pipelines.distill.step_distill import (
+    DistillContext,
+    StepDistillRecipe,
+    TrainingPoint,
+    spans_teacher_grid,
+    student_rollout,
+    teacher_endpoint,
+    teacher_span,
+)
+from neodragon_cli.pipelines.distill.step_distill_dmd import cauchy_loss, dmd_gradient, dmd_loss
+from neodragon_cli.pipelines.flow.losses import build_flow_batch
+from neodragon_cli.pipelines.flow.sampler import PyramidSampler, SeededNoise, TextConditioning, mmdit_denoiser
+from neodragon_cli.pipelines.flow.scheduler import PyramidFlowScheduler, latent_pyramid
+from neodragon_cli.pipelines.flow.settings import SamplingConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def text(rows: int = 2) -> TextConditioning:
+    g = torch.Generator().manual_seed(5)
+    return TextConditioning(torch.randn(rows, 3, 16, generator=g), torch.ones(rows, 3, dtype=torch.long), torch.zeros(rows, 0))
+
+
+def context(schedule=(4, 4, 4), teacher_steps=16, guidance=(3.0, 2.0), history_noise=0.0) -> DistillContext:
+    return DistillContext(recipe=StepDistillRecipe(), scheduler=PyramidFlowScheduler(), schedule=schedule,
+                          teacher_steps=teacher_steps, guidance=guidance, history_noise=history_noise, num_units=3,
+                          latent_channels=16, latent_size=(8, 8), negative_prompt="")
+
+
+def test_clean_readout_inverts_the_flow_targets_and_stage_point_builds_them():
+    """On the flow loss's own columns (built independently), the clean latent a target velocity implies
+    is the column's clean latent; and `stage_point` of that latent lies on the same path."""
+    latents = torch.randn(8, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cond = TextConditioning(torch.zeros(8, 3, 6), torch.ones(8, 3, dtype=torch.long), torch.zeros(8, 5))
+    null = TextConditioning(torch.zeros(1, 3, 6), torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 5))
+    batch = build_flow_batch(latents, cond, null, SeededNoise(2), temporal_pyramid=False)
+    sched, levels = PyramidFlowScheduler(), latent_pyramid(latents)
+    for column in batch.columns:
+        clean = levels[column.stage][column.samples]
+        x, r = column.clips[-1], column.ratios.double()
+        torch.testing.assert_close(sched.clean_from_velocity(x, column.target, column.stage, r), clean, atol=1e-6, rtol=0)  # float32 ratios
+        # the noise that made x: recovered through the path's end, then rebuilt by stage_point
+        noise = torch.randn_like(clean)
+        x2, v2 = sched.stage_point(clean, noise, column.stage, r)
+        torch.testing.assert_close(sched.velocity_from_clean(x2, clean, column.stage, r), v2, atol=1e-9, rtol=0)
+        torch.testing.assert_close(sched.clean_from_velocity(x2, v2, column.stage, r), clean, atol=1e-9, rtol=0)
+    assert {c.stage for c in batch.columns} == {0, 1, 2}
+
+
+def test_dmd_gradient_equals_its_definition_on_a_hand_case():
+    generated = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    real = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    fake = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+    # by hand: mean|x - real| = 1.5 and 2.5; g = (fake - real) / that
+    expected = torch.tensor([[1 / 1.5, 1 / 1.5], [-1 / 2.5, 1 / 2.5]], dtype=torch.float64)
+    gradient = dmd_gradient(generated.detach(), real, fake)
+    torch.testing.assert_close(gradient, expected)
+    loss = dmd_loss(generated, gradient)
+    loss.backward()
+    torch.testing.assert_close(generated.grad, expected.float().double() / 4, atol=1e-7, rtol=0)  # d/dx = g / numel
+    assert float(loss.detach()) == pytest.approx(0.5 * float((expected**2).mean()), rel=1e-6)
+    # a real prediction equal to the sample: the weight is floored, the gradient stays finite
+    assert torch.isfinite(dmd_gradient(real, real, fake)).all()
+    assert float(cauchy_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 1.0]), 2.0)) == pytest.approx(
+        (torch.log1p(torch.tensor(0.25)) + torch.log1p(torch.tensor(1.0))).item() / 2)
+
+
+@pytest.mark.parametrize("student, ok", [(1, True), (2, True), (4, True), (6, True), (16, True), (3, False), (5, False),
+                                         (8, False), (17, False)])
+def test_a_student_step_must_span_whole_teacher_steps(student, ok):
+    assert spans_teacher_grid(student, 16) is ok
+    sched = PyramidFlowScheduler()
+    if ok:
+        teacher_sigmas, student_sigmas = sched.sigmas(16, 1), sched.sigmas(student, 1)
+        for k in range(student):
+            first, end = teacher_span(student, 16, k)
+            assert teacher_sigmas[first] == pytest.approx(student_sigmas[k]) and teacher_sigmas[end] == pytest.approx(student_sigmas[k + 1])
+
+
+def test_recipe_rejects_what_cannot_run():
+    assert StepDistillRecipe(method="progressive", schedule="4-4-4").validate() == []
+    problems = StepDistillRecipe(method="progressive", schedule="3-3-3").validate()
+    assert len(problems) == 1 and "do not divide the teacher's 16" in problems[0]
+    assert "unknown method 'lcm'" in StepDistillRecipe(method="lcm").validate()[0]
+    assert StepDistillRecipe(method="dmd", schedule="3-3-3").validate() != []  # its teacher loss runs on the grid
+    no_teacher_loss = StepDistillRecipe(method="dmd", schedule="3-3-3")
+    no_teacher_loss.dmd.w_teacher = 0.0
+    assert no_teacher_loss.validate() == []  # DMD alone needs no teacher grid
+
+
+def sampler_events(model, config: SamplingConfig, seed: int, units: int = 2) -> list:
+    events = []
+    sampler = PyramidSampler(mmdit_denoiser(model), prediction="velocity")
+    negative = TextConditioning(torch.zeros(2, 3, 16), torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 0))
+    with torch.no_grad():
+        list(sampler.latent_frames(text(), num_frames=units, latent_channels=16, latent_size=(8, 8), config=config,
+                                   noise=SeededNoise(seed), negative=negative, callback=events.append))
+    return events
+
+
+@pytest.mark.parametrize("schedule, step", [((4, 4, 4), 1), ((4, 4, 4), 3), ((1, 1, 1), 0)])
+def test_progressive_teacher_endpoint_is_the_sampler_with_the_quantised_schedule(schedule, step):
+    teacher = tiny_mmdit()
+    ctx = context(schedule=schedule)
+    quantised = SamplingConfig(first_steps=(16, 16, 16), video_steps=(16, 16, 16), guidance=3.0, video_guidance=2.0)
+    events = [e for e in sampler_events(teacher, quantised, seed=4) if e.unit == 1 and e.stage == 1]
+    first, end = teacher_span(schedule[1], 16, step)
+    start = events[first]
+    point = TrainingPoint(1, 1, step, list(start.history) + [start.latents_in], torch.full((2,), start.timestep), start.sigma)
+    negative = TextConditioning(torch.zeros(2, 3, 16), torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 0))
+    landed = teacher_endpoint(ctx, teacher, point, text(), negative)
+    torch.testing.assert_close(landed, events[end - 1].latents_out, atol=1e-6, rtol=1e-6)
+    assert start.sigma == pytest.approx(float(PyramidFlowScheduler().sigmas(schedule[1], 1)[step]))
+
+
+@pytest.mark.parametrize("place", [(0, 0, 0), (1, 2, 3), (2, 1, 2)])
+def test_student_rollout_stops_at_the_samplers_own_call(place):
+    student = tiny_mmdit(seed=1)
+    ctx = context(history_noise=0.2)
+    unit, stage, step = place
+    events = sampler_events(student, ctx.student_config(), seed=9, units=unit + 1)  # the rollout draws noise for unit + 1 frames
+    event = next(e for e in events if (e.unit, e.stage, e.step) == place)
+    point = student_rollout(ctx, student, text(), place, SeededNoise(9))
+    torch.testing.assert_close(point.latents, event.latents_in, atol=0, rtol=0)
+    assert len(point.history) == len(event.history) and all(torch.equal(a, b) for a, b in zip(point.history, event.history))
+    assert float(point.timestep[0]) == event.timestep and point.ratio == pytest.approx(event.sigma)
