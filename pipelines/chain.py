@@ -275,13 +275,14 @@ def _describe_eval(opts: EvalOptions, chain_dir: Path) -> list[str]:
 
 
 # The commands a chain can run, by command name. A training command with a `parent` in its recipe is
-# one `TrainingStep(...)` line; `step-distill`, `quantize` and `profile` come when their commands do.
+# one `TrainingStep(...)` line; `quantize` and `profile` come when their commands do.
 STEP_KINDS: dict[str, StepKind] = {
     kind.command: kind
     for kind in (
         TrainingStep("distill-te"),
         TrainingStep("distill-decoder"),
         TrainingStep("prune"),
+        TrainingStep("step-distill"),
         StepKind("export", _run_export, operation="export", options=ExportOptions),
         StepKind("eval", _run_eval, operation=None, options=EvalOptions, describe=_describe_eval),
     )
@@ -352,7 +353,7 @@ def _plan_step(index: int, name: str, spec: StepSpec, extra: list[tuple[str, Any
     kind = STEP_KINDS.get(spec.command)
     where = f"{source.name}: steps.{name}"
     if kind is None:
-        unavailable.append(f"{name} ({spec.command})")
+        unavailable.append(name if name == spec.command else f"{name} ({spec.command})")
         return None
     overrides = _flatten(spec.overrides) + extra
     if kind.recipe:
@@ -416,9 +417,9 @@ def load_plan(chain: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     ]
     if unavailable:
         problems.insert(0, f"{source.name}: this version of neodragon cannot run step{'s' * (len(unavailable) > 1)} "
-                           f"{', '.join(unavailable)} (chain steps: {', '.join(STEP_KINDS)})")  # fmt: skip
+                           f"{', '.join(unavailable)}: chain steps can be {', '.join(STEP_KINDS)}")  # fmt: skip
     if problems:
-        raise RecipeError(problems, hint="fix the chain recipe or the override")
+        raise RecipeError(problems, hint=None if unavailable and len(problems) == 1 else "fix the chain recipe or the override")
     if not recipe.model:
         raise UsageError("the chain's model is not set", hint="pass model=PATH (a pipeline folder) after the chain recipe")
     model = resolve_model(recipe.model)
@@ -524,7 +525,7 @@ class ChainRun:
             "format": RUN_FORMAT,
             "chain": str(self.plan.source),
             "chain_sha256": self.plan.chain_sha256,
-            "model": str(self.plan.model),
+            "model": str(self.plan.model.resolve()),
             "status": self.status,
             "started": self.started,
             "wall_s": round(self.wall_s, 3),
