@@ -12,7 +12,8 @@ scheduler, latent normalisation, streaming decode) is the same Python code as fo
   carrying the decoder state between calls.
 
 The stand-ins hold one empty float32 parameter, so code that reads a module's dtype or device from
-its parameters works unchanged.
+its parameters works unchanged. Sessions come from `session_factory(path)` (default: a CPU session),
+so a caller can wrap them, e.g. to record every graph's inputs (`quantize` calibration).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -35,9 +36,9 @@ from neodragon_cli.pipelines.flow.pipeline import VideoPipeline
 class OnnxGraphModule(nn.Module):
     """One graph: `forward(*inputs)` (in the graph's input order) -> its first output."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, session_factory: Callable = onnx_tools.session):
         super().__init__()
-        self.session = onnx_tools.session(path)
+        self.session = session_factory(path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.dtype_marker = nn.Parameter(torch.zeros(0), requires_grad=False)
 
@@ -87,7 +88,7 @@ class OnnxRowwise(OnnxGraphModule):
 class OnnxMMDiT(nn.Module):
     """The stage graphs behind the MMDiT `forward` convention (one column; see `PyramidFlowMMDiT.forward`)."""
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path, manifest: dict, session_factory: Callable = onnx_tools.session):
         super().__init__()
         meta = manifest["mmdit"]
         from safetensors.torch import load_file
@@ -97,12 +98,12 @@ class OnnxMMDiT(nn.Module):
         self.fill = manifest["mask_fill"]
         self.out_channels = meta["out_channels"]
         self.config = {"prediction": meta["prediction"]}
-        self.context = OnnxRowwise(folder / "mmdit_context.onnx") if meta["has_context_embedder"] else None
+        self.context = OnnxRowwise(folder / "mmdit_context.onnx", session_factory) if meta["has_context_embedder"] else None
         self.stages = {}
         for name, entry in sorted(manifest["graphs"].items()):
             if name.startswith("mmdit_stage"):
                 layout = StageLayout(**{k: _tuples(v) for k, v in entry["notes"]["layout"].items()})
-                self.stages[layout.level_sizes[-1]] = (layout, onnx_tools.session(folder / entry["file"]))
+                self.stages[layout.level_sizes[-1]] = (layout, session_factory(folder / entry["file"]))
         self.dtype_marker = nn.Parameter(torch.zeros(0), requires_grad=False)
 
     def forward(self, sample, encoder_hidden_states, encoder_attention_mask, pooled_projections, timestep_ratio):
@@ -131,13 +132,13 @@ def _tuples(value):
 class OnnxVAE:
     """First-frame encoder and streaming decoder graphs behind the VAE calls the pipeline makes."""
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path, manifest: dict, session_factory: Callable = onnx_tools.session):
         self.spatial_compression = manifest["spatial_compression"]
         self.temporal_compression = manifest["temporal_compression"]
         graphs = manifest["graphs"]
-        self.encoder = onnx_tools.session(folder / "vae_encoder.onnx") if "vae_encoder" in graphs else None
-        self.first = onnx_tools.session(folder / "decoder_first.onnx") if "decoder_first" in graphs else None
-        self.step = onnx_tools.session(folder / "decoder_step.onnx") if "decoder_step" in graphs else None
+        self.encoder = session_factory(folder / "vae_encoder.onnx") if "vae_encoder" in graphs else None
+        self.first = session_factory(folder / "decoder_first.onnx") if "decoder_first" in graphs else None
+        self.step = session_factory(folder / "decoder_step.onnx") if "decoder_step" in graphs else None
         if self.first is None:
             raise CheckpointError(f"{folder} has no decoder graphs", hint="export with --components including decoder")
 
@@ -192,8 +193,9 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def load_onnx_pipeline(folder: str | Path) -> OnnxVideoPipeline:
-    """The exported pipeline in `folder` with ONNX Runtime (CPU) sessions for every graph."""
+def load_onnx_pipeline(folder: str | Path, session_factory: Callable = onnx_tools.session) -> OnnxVideoPipeline:
+    """The exported pipeline in `folder` with ONNX Runtime (CPU) sessions for every graph (or what
+    `session_factory(path)` makes). A `quantize` artifact holds the same files with QDQ graphs."""
     from neodragon_cli.pipelines.flow.settings import GenerationSettings
     from neodragon_cli.pipelines.models.latents import LatentNorm
     from neodragon_cli.pipelines.models.text_encoders import TextEncoderBundle, load_tokenizer
@@ -207,13 +209,14 @@ def load_onnx_pipeline(folder: str | Path) -> OnnxVideoPipeline:
     clips = sorted(n for n in graphs if n.startswith("clip_"))
     clip_tokenizers = [t for t in ("tokenizer", "tokenizer_2") if t in manifest["tokenizers"]]
     text = TextEncoderBundle(
-        load_tokenizer(folder / "tokenizer_3"), OnnxT5(folder / "t5.onnx"),
-        [load_tokenizer(folder / t) for t in clip_tokenizers], [OnnxClip(folder / f"{n}.onnx") for n in clips],
+        load_tokenizer(folder / "tokenizer_3"), OnnxT5(folder / "t5.onnx", session_factory),
+        [load_tokenizer(folder / t) for t in clip_tokenizers], [OnnxClip(folder / f"{n}.onnx", session_factory) for n in clips],
         manifest["text"]["max_length"],
     )  # fmt: skip
-    optional = {role: OnnxRowwise(folder / f"{role}.onnx") if role in graphs else None for role in ("context_adapter", "sr")}
+    optional = {role: OnnxRowwise(folder / f"{role}.onnx", session_factory) if role in graphs else None
+                for role in ("context_adapter", "sr")}  # fmt: skip
     return OnnxVideoPipeline(
-        mmdit=OnnxMMDiT(folder, manifest), vae=OnnxVAE(folder, manifest), text_encoder=text, **optional,
+        mmdit=OnnxMMDiT(folder, manifest, session_factory), vae=OnnxVAE(folder, manifest, session_factory), text_encoder=text, **optional,
         latent_norm=LatentNorm(**manifest["latent_norm"]),
         defaults=GenerationSettings(**{**manifest["defaults"], **manifest["geometry"]}),
         component_paths={"export": folder}, name=folder.name, geometry=manifest["geometry"],
