@@ -371,6 +371,7 @@ def _plan_step(index: int, name: str, spec: StepSpec, extra: list[tuple[str, Any
             config = R.load(path, texts, command=spec.command)
         except NeodragonError as exc:
             found = exc.problems if isinstance(exc, RecipeError) else [exc.one_line()]
+            found = [p for p in found if "recipe is for command" in p] or found  # not its keys then
             problems.extend(f"{where}: {p}" for p in found)
             return None
         if not any(f.name == "parent" for f in dataclasses.fields(config)):
