@@ -47,9 +47,10 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from neodragon_cli import recipes as R
 from neodragon_cli.errors import ArtifactError, NeodragonError, RecipeError, UsageError
@@ -192,7 +193,7 @@ def _run_training(ctx: StepContext) -> StepOutcome:
     return StepOutcome(ctx.artifact, results={"steps": outcome.step})
 
 
-def TrainingStep(command: str, version: int = 1) -> StepKind:  # noqa: N802 (reads as a kind)
+def TrainingStep(command: str, version: int = 1) -> StepKind:
     """A training command (`pipelines/train`, `pipelines/distill`) whose recipe has a `parent`."""
     return StepKind(command, _run_training, operation=command, recipe=True, version=version)
 
@@ -493,7 +494,7 @@ def cached(step: PlannedStep, folder: Path, key: str) -> dict | None:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
