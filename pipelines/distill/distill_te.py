@@ -109,6 +109,7 @@ class PromptDataSection:
     cache_shard: int = setting(1024, "prompts per teacher-cache shard")
     teacher_batch: int = setting(64, "prompts per teacher forward while caching")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "dtype the teacher runs in while caching")
+    teacher_fsdp: bool = setting(False, "shard the teacher's weights over the ranks (FSDP2) while caching: a teacher too large for one device")
 
     def validate(self) -> list[str]:
         problems = []
@@ -197,9 +198,19 @@ def load_teacher(parent: str, dtype: str = "float32") -> Teacher:
     return Teacher(folder, spec, bundle, embedder, mmdit.inner_dim)
 
 
-def teach_fn(teacher: Teacher, device: torch.device):
-    """(ids, mask) -> CE(T5(ids, mask)) in float32, computed on `device`."""
+def teach_fn(teacher: Teacher, env: distributed.DistEnv, *, shard: bool = False):
+    """(ids, mask) -> CE(T5(ids, mask)) in float32, computed on this rank's device. `shard` spreads the
+    T5's weights over the ranks with FSDP2 (one unit per block, gathered as each block runs): a teacher
+    too large for one device still runs, every rank computing its share of the prompts."""
+    device = env.device
     t5, embedder = teacher.bundle.t5_encoder.to(device).eval(), teacher.context_embedder.to(device).eval()
+    if shard and env.distributed:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (env.world_size,))
+        distributed.shard_blocks(t5, mesh)
+        fully_shard(t5, mesh=mesh)
 
     def teach(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return embedder(t5(ids.to(device), attention_mask=mask.to(device)).float())
@@ -378,16 +389,9 @@ def distill_te(recipe: DistillTERecipe, out: Path, *, recipe_yaml: str, resume: 
     ids, mask = teacher.bundle.tokenize_t5(prompts)
     fingerprint = teacher_fingerprint([teacher.bundle.t5_encoder, teacher.context_embedder])
 
-    def cache() -> TeacherTargets:  # rank 0 computes and writes; the others then read the same shards
-        return cached_teacher_targets(work / "teacher_cache", ids, mask, teach_fn(teacher, env.device), fingerprint,
-                                      shard_size=recipe.data.cache_shard, batch_size=recipe.data.teacher_batch,
-                                      show_progress=env.is_main)
-
-    if env.is_main:
-        targets = cache()
-    distributed.barrier()
-    if not env.is_main:
-        targets = cache()
+    targets = cached_teacher_targets(work / "teacher_cache", ids, mask, teach_fn(teacher, env, shard=recipe.data.teacher_fsdp),
+                                     fingerprint, shard_size=recipe.data.cache_shard, batch_size=recipe.data.teacher_batch,
+                                     show_progress=env.is_main)
     teacher.bundle.t5_encoder = None  # the teacher encoder is done: free it for training
     trainer = Trainer(path, distillation_loss(recipe.loss.w_mse, recipe.loss.w_cd), prompt_batches(mixture, targets),
                       recipe.train, work / "run", resume=resume, samples="prompts")

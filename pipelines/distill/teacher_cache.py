@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from neodragon_cli.atomic import save_safetensors
 from neodragon_cli.console import progress
 from neodragon_cli.errors import CheckpointError
+from neodragon_cli.pipelines.train import distributed
 
 Teach = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -77,22 +79,37 @@ def cached_teacher_targets(folder: Path, input_ids: torch.Tensor, attention_mask
                            show_progress: bool = True) -> TeacherTargets:
     """Targets `teach(ids, mask)` of every row of `input_ids` / `attention_mask` [N, max_length] (the
     teacher sees them padded as at inference), read from the shards in `folder` that match and computed
-    (no grad) and written for the others."""
+    (no grad) and written for the others.
+
+    Under torchrun every rank calls this: the ranks share the rows of each teacher batch
+    (`distributed.split_rows`, the same number of teacher calls on every rank, as an FSDP-sharded teacher
+    needs), every rank gets the whole result and rank 0 writes the shards."""
     length = max(int(attention_mask.sum(1).max()), 1)
     total = len(input_ids)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    starts = range(0, total, shard_size)
+    records = [{"teacher": fingerprint, "inputs": _inputs_digest(input_ids[s:s + shard_size], attention_mask[s:s + shard_size]),
+                "length": str(length)} for s in starts]
+    paths = [folder / f"shard-{index:05d}.safetensors" for index in range(len(starts))]
+    stored = [_stored(path, record) for path, record in zip(paths, records)]
+    distributed.barrier()  # every rank has looked before rank 0 writes anything
     parts = []
-    with progress(disable=not show_progress) as bar:
+    with progress(disable=not show_progress or rank != 0) as bar:
         task = bar.add_task("teacher targets (prompts)", total=total)
-        for index, start in enumerate(range(0, total, shard_size)):
+        for start, path, record, targets in zip(starts, paths, records, stored):
             ids, mask = input_ids[start:start + shard_size], attention_mask[start:start + shard_size]
-            path = folder / f"shard-{index:05d}.safetensors"
-            record = {"teacher": fingerprint, "inputs": _inputs_digest(ids, mask), "length": str(length)}
-            targets = _stored(path, record)
             if targets is None:
+                batches = []
                 with torch.no_grad():
-                    targets = torch.cat([teach(ids[i:i + batch_size], mask[i:i + batch_size])[:, :length].float().cpu()
-                                         for i in range(0, len(ids), batch_size)]).half()
-                save_safetensors({"targets": targets}, path, metadata=record)
+                    for i in range(0, len(ids), batch_size):
+                        rows = len(ids[i:i + batch_size])
+                        mine = [i + r for r in distributed.split_rows(rows, rank, world)]
+                        out = teach(ids[mine], mask[mine])[:, :length].float()
+                        batches.append(distributed.gather_rows(out, rows).cpu())
+                targets = torch.cat(batches).half()
+                if rank == 0:
+                    save_safetensors({"targets": targets}, path, metadata=record)
             parts.append(targets)
             bar.advance(task, len(ids))
+    distributed.barrier()
     return TeacherTargets(input_ids[:, :length].long(), attention_mask[:, :length].long(), torch.cat(parts))

@@ -112,6 +112,44 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def shard_blocks(model: torch.nn.Module, mesh) -> None:
+    """FSDP2 units over `mesh`: one per block of every outermost ModuleList in `model` (its transformer
+    blocks; lists inside a block, such as T5's layers, stay in the block's unit). The caller shards the
+    root (or a wrapper around it) last."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded: list[str] = []
+    for name, container in model.named_modules():
+        if not isinstance(container, torch.nn.ModuleList) or any(name.startswith(s + ".") for s in sharded):
+            continue
+        for index, block in enumerate(container):
+            if not isinstance(block, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                fully_shard(block, mesh=mesh)
+                sharded.append(f"{name}.{index}")
+
+
+def split_rows(rows: int, rank: int, world_size: int) -> list[int]:
+    """The rows rank `rank` computes when `rows` are shared over `world_size` ranks: every world_size-th
+    row from `rank`, padded with the last row so every rank makes the same number of collective calls."""
+    mine = list(range(rank, rows, world_size))
+    share = -(-rows // world_size)
+    return mine + [rows - 1] * (share - len(mine))
+
+
+def gather_rows(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """Every rank's `part` (its `split_rows`, in order) put back into the [rows, ...] whole, on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return part[:rows]
+    world = dist.get_world_size()
+    parts = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(parts, part.contiguous())
+    whole = torch.empty((rows, *part.shape[1:]), dtype=part.dtype, device=part.device)
+    for rank, got in enumerate(parts):
+        count = len(range(rank, rows, world))
+        whole[rank::world] = got[:count]
+    return whole
+
+
 def rank_zero_first(make: Callable[[], T]) -> T:
     """`make()` on rank 0, then, after a barrier, on the other ranks: rank 0 writes what it makes (caches,
     tokenizer), the others find it written and read it."""

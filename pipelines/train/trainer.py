@@ -427,12 +427,8 @@ class MultiModelTrainer:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(self.device.type, (self.env.world_size,))
-            # One FSDP unit per block of every ModuleList (transformer blocks), plus the root.
-            for model in trained.values():
-                for container in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
-                    for block in container:
-                        if not isinstance(block, (nn.ModuleList, nn.ModuleDict)):
-                            fully_shard(block, mesh=mesh)
+            for model in trained.values():  # one FSDP unit per transformer block, plus the root
+                distributed.shard_blocks(model, mesh)
             root = fully_shard(_PhaseForward(trained, self.models), mesh=mesh)
             return {phase.name: root for phase in self.phases}
         if self.env.distributed:
