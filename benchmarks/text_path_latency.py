@@ -83,7 +83,7 @@ def shapes_part(args) -> None:
         inputs = [tokenize(p) for p in prompts]
         with torch.no_grad():
             seconds = median_call(path, inputs, args.repeats)
-        tokenize_seconds = median_call(lambda p: tokenize(p), [(p,) for p in prompts], args.repeats)
+        tokenize_seconds = median_call(tokenize, [(p,) for p in prompts], args.repeats)
         rows[name] = (folder, count_parameters(path.encoder), count_parameters(path.head), seconds, tokenize_seconds)
     print(f"1. Shapes text path, batch 1, {T5_MAX_LENGTH} tokens, {len(prompts)} held-out prompts x {args.repeats}, fp32, "
           f"{torch.get_num_threads()} thread(s)")
