@@ -417,6 +417,8 @@ def onnx_replays(folder: Path, manifest: dict, feeds: dict[str, list], session_f
 def record_onnx(folder: Path, settings_layers: list, *, seed: int = 0, image=None):
     """Load the exported pipeline with recording sessions, generate once; (pipe, resolved settings,
     profiler, seconds, feeds per graph, load seconds)."""
+    import torch
+
     from neodragon_cli.pipelines.deploy import onnx_tools
     from neodragon_cli.pipelines.deploy.calibration import RecordingSession
     from neodragon_cli.pipelines.deploy.runtime import load_onnx_pipeline
@@ -424,7 +426,7 @@ def record_onnx(folder: Path, settings_layers: list, *, seed: int = 0, image=Non
     sessions: dict[str, RecordingSession] = {}
 
     def factory(path: Path):
-        sessions[Path(path).name.removesuffix(".onnx")] = wrapped = RecordingSession(onnx_tools.session(path))
+        sessions[Path(path).name.removesuffix(".onnx")] = wrapped = RecordingSession(onnx_tools.session(path, threads=torch.get_num_threads()))
         return wrapped
 
     start = time.perf_counter()
@@ -506,7 +508,10 @@ def profile_pipeline(target: Target, *, runtime: str, settings=None, runs: int =
         manifest = read_manifest(target.path)
         progress("loading the graphs")
         _, resolved, profiler, seconds, feeds, load = record_onnx(target.path, layers, seed=seed)
-        factory = onnx_tools.session if runtime == "onnx" else qnn_session
+        import torch
+
+        threads = torch.get_num_threads()  # the same intra-op threads as the torch runtime
+        factory = (lambda path: onnx_tools.session(path, threads=threads)) if runtime == "onnx" else qnn_session
         if runtime == "qnn":
             check_qnn_available()
             notes.append(QNN_NOTE)
@@ -520,7 +525,7 @@ def profile_pipeline(target: Target, *, runtime: str, settings=None, runs: int =
             record.latency = measure(lambda s=session, c=call: c(s), runs)
             modules.append(record)
             del session
-        device = "cpu (onnxruntime CPUExecutionProvider)" if runtime == "onnx" else "QNN HTP simulator (x86-64)"
+        device = f"cpu (onnxruntime CPUExecutionProvider, {threads} thread(s))" if runtime == "onnx" else "QNN HTP simulator (x86-64)"
         if runtime == "qnn":
             notes.append("end_to_end was measured with the CPU execution provider (the recording run)")
     if resolved.mode == "hybrid" and (runtime != "torch" or pipe.first_frame is None):
