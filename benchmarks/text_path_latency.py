@@ -3,7 +3,8 @@
 The text path is what `distill-te` replaces: token ids -> the MMDiT's text input. The pooled CLIP
 path is untouched by distillation and not timed. One prompt per call (batch 1), padded to the
 pipeline's 128 T5 tokens as `TextEncoderBundle` does; tokenization (the same tokenizer on both
-sides) is timed apart. Times are medians over prompts x repeats after one warm-up call, fp32.
+sides) is timed apart. Times are medians over prompts x repeats after one warm-up call, fp32, in
+wall time and in CPU (process) time, the steadier measure on a shared machine.
 
 1. Shapes: a teacher pipeline (default the embedded `shapes-teacher`: T5 encoder + the MMDiT's
    context embedder) against a `distill-te` output folder (`--student`): its DistilT5 + its
@@ -63,15 +64,21 @@ def pipeline_text_path(folder: str):
     return bundle.tokenize_t5, TextPath(bundle.t5_encoder, head).eval()
 
 
-def median_call(fn, inputs: list[tuple], repeats: int) -> float:
-    """Median seconds of fn(*x) over every input x, `repeats` times each, after one warm-up call."""
+CPU_TIMES: dict[str, float] = {}  # label -> median CPU seconds of the last median_call with that label
+
+
+def median_call(fn, inputs: list[tuple], repeats: int, label: str = "") -> float:
+    """Median wall seconds of fn(*x) over every input x, `repeats` times each, after one warm-up
+    call; the median CPU (process) seconds go to CPU_TIMES[label]."""
     fn(*inputs[0])
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         for x in inputs:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn(*x)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    CPU_TIMES[label] = statistics.median(cpu)
     return statistics.median(times)
 
 
@@ -82,15 +89,16 @@ def shapes_part(args) -> None:
         tokenize, path = pipeline_text_path(folder)
         inputs = [tokenize(p) for p in prompts]
         with torch.no_grad():
-            seconds = median_call(path, inputs, args.repeats)
+            seconds = median_call(path, inputs, args.repeats, name)
         tokenize_seconds = median_call(tokenize, [(p,) for p in prompts], args.repeats)
         rows[name] = (folder, count_parameters(path.encoder), count_parameters(path.head), seconds, tokenize_seconds)
     print(f"1. Shapes text path, batch 1, {T5_MAX_LENGTH} tokens, {len(prompts)} held-out prompts x {args.repeats}, fp32, "
           f"{torch.get_num_threads()} thread(s)")
     for name, (folder, enc, head, seconds, tok) in rows.items():
         print(f"  {name:>7} {folder}: encoder {enc:,} + head {head:,} params: {seconds * 1e3:8.3f} ms per prompt "
-              f"(+ tokenizer {tok * 1e3:.3f} ms)")
-    print(f"  student speed-up {rows['teacher'][3] / rows['student'][3]:.2f}x")
+              f"(CPU {CPU_TIMES[name] * 1e3:.3f} ms; + tokenizer {tok * 1e3:.3f} ms)")
+    print(f"  student speed-up {rows['teacher'][3] / rows['student'][3]:.2f}x wall, "
+          f"{CPU_TIMES['teacher'] / CPU_TIMES['student']:.2f}x CPU time")
 
 
 def real_part(args) -> None:
@@ -110,26 +118,32 @@ def real_part(args) -> None:
     k = args.xxl_layers
     teacher = T5TextEncoder(t5_config(**{**xxl, "num_layers": k}, dropout_rate=0.0)).eval()
     ce = nn.Linear(xxl["d_model"], PF_WIDTH)
-    layer_times: list[list[float]] = [[] for _ in range(k)]
+    layer_times: list[list[tuple[float, float]]] = [[] for _ in range(k)]  # (wall, CPU) per call
     starts = {}
+
+    def stop(i: int) -> None:
+        layer_times[i].append((time.perf_counter() - starts[i][0], time.process_time() - starts[i][1]))
+
     blocks = teacher.encoder.encoder.block
     hooks = []
     for i, block in enumerate(blocks):
-        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, time.perf_counter())))
-        hooks.append(block.register_forward_hook(lambda m, a, o, i=i: layer_times[i].append(time.perf_counter() - starts[i])))
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: starts.__setitem__(i, (time.perf_counter(), time.process_time()))))
+        hooks.append(block.register_forward_hook(lambda m, a, o, i=i: stop(i)))
     with torch.no_grad():
-        measured = median_call(TextPath(teacher, ce), inputs, args.repeats)
+        measured = median_call(TextPath(teacher, ce), inputs, args.repeats, "xxl")
     for h in hooks:
         h.remove()
-    per_layer = [statistics.median(t[1:]) for t in layer_times]  # [1:]: drop the warm-up call
-    later = per_layer[1:] or per_layer
-    estimate = measured + (XXL_LAYERS - k) * statistics.mean(later)
+    # [1:]: drop the warm-up call; the layers after the first (which also computes the position bias)
+    per_layer = [statistics.median(w for w, _ in t[1:]) for t in layer_times]
+    per_layer_cpu = [statistics.median(c for _, c in t[1:]) for t in layer_times]
+    estimate = measured + (XXL_LAYERS - k) * statistics.mean(per_layer[1:] or per_layer)
+    cpu_estimate = CPU_TIMES["xxl"] + (XXL_LAYERS - k) * statistics.mean(per_layer_cpu[1:] or per_layer_cpu)
     del teacher
 
     student = TextPath(DistilT5(t5_config(**T5_SIZES["flan-t5-base"], dropout_rate=0.0), project_out_dim=xxl["d_model"]),
                        ContextAdapter(input_dims=xxl["d_model"], output_dims=PF_WIDTH)).eval()
     with torch.no_grad():
-        student_seconds = median_call(student, inputs, args.repeats)
+        student_seconds = median_call(student, inputs, args.repeats, "distilt5")
 
     print(f"2. Real size, random weights, batch 1, {T5_MAX_LENGTH} tokens (40 valid), fp32, {torch.get_num_threads()} thread(s)")
     print(f"  teacher T5-XXL encoder {full_teacher:,} + context embedder {ce_params:,} params "
@@ -137,7 +151,11 @@ def real_part(args) -> None:
     print(f"    measured {k}-layer forward + CE {measured:.3f} s; layers {', '.join(f'{t:.3f}' for t in per_layer)} s "
           f"-> estimated {XXL_LAYERS}-layer path {estimate:.2f} s per prompt")
     print(f"  student DistilT5 {student_encoder:,} + ContextAdapter {adapter_params:,} params "
-          f"({(student_encoder + adapter_params) / 1e9:.3f} B), full forward: {student_seconds:.3f} s per prompt")
+          f"({(student_encoder + adapter_params) / 1e9:.3f} B), full forward: {student_seconds:.3f} s per prompt "
+          f"(CPU {CPU_TIMES['distilt5']:.3f} s)")
+    print(f"  CPU time: teacher {k}-layer path {CPU_TIMES['xxl']:.3f} s (layers {', '.join(f'{t:.3f}' for t in per_layer_cpu)} s) "
+          f"-> estimated {XXL_LAYERS}-layer path {cpu_estimate:.2f} s; student {CPU_TIMES['distilt5']:.3f} s; "
+          f"speed-up {cpu_estimate / CPU_TIMES['distilt5']:.1f}x")
     print(f"  student speed-up {estimate / student_seconds:.1f}x (estimated teacher / measured student), "
           f"parameters {(full_teacher + ce_params) / (student_encoder + adapter_params):.1f}x fewer")
 
