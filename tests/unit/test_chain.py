@@ -24,7 +24,7 @@ from neodragon_cli.pipelines.chain import load_plan
 from neodragon_cli.pipelines.train.trainer import MultiModelTrainer
 
 runner = CliRunner()
-PROMPTS = ["a red circle moving left", "a blue square resting", "a small green triangle drifting upward"]
+PROMPTS = ["a red circle moving left", "a small green triangle drifting upward"]
 TE = {"mode": "rm", "data": {"shapes_prompts": 0, "heldout": 1, "cache_shard": 128, "teacher_batch": 64},
       "student": {"d_model": 8, "num_layers": 1, "num_heads": 2, "d_ff": 16},
       "adapter": {"layer_depths": [16, 16], "skips": [True, True]},
@@ -97,7 +97,7 @@ def test_runs_end_to_end_with_verified_linked_artifacts(chain, first):
     assert report["steps"][1]["artifact"] == "02-prune/artifact" and report["steps"][1]["results"] == {"steps": 3}
     evaluation = json.loads((first / "03-eval" / "eval.json").read_text())
     assert [v["prompt"] for v in evaluation["videos"]] == PROMPTS
-    assert evaluation["summary"]["videos"] == 3 and evaluation["summary"]["runtime"] == "torch"
+    assert evaluation["summary"]["videos"] == 2 and evaluation["summary"]["runtime"] == "torch"
     assert 0 <= evaluation["summary"]["total"] <= 1 and report["steps"][2]["results"]["total"] == evaluation["summary"]["total"]
     assert all((first / "03-eval" / "videos" / v["video"]).stat().st_size > 0 for v in evaluation["videos"])
     # the eval step evaluated the pruned pipeline, not the original parent
@@ -125,7 +125,6 @@ def test_one_changed_override_reruns_that_step_and_the_later_ones(chain, first, 
     assert verify_artifact(out / "02-prune" / "artifact") == []
     again = run(chain, out, "steps.prune.stage2.steps=2")  # the new configuration is cached in turn
     assert again.exit_code == 0 and set(states(out).values()) == {"cached"}
-    assert run(chain, out).exit_code == 0 and states(out) == {"te": "cached", "prune": "ran", "eval": "ran"}
 
 
 def test_an_eval_option_change_reruns_only_the_eval(chain, first, tmp_path):
@@ -138,16 +137,14 @@ def test_an_eval_option_change_reruns_only_the_eval(chain, first, tmp_path):
 def test_from_reruns_from_a_step_and_until_stops_after_one(chain, first, tmp_path):
     out = copy_of(first, tmp_path)
     old = weights_hash(out / "02-prune" / "artifact")
-    result = run(chain, out, "--from", "prune")
+    result = run(chain, out, "--from", "prune", "--until", "prune")
     assert result.exit_code == 0, result.output
-    assert states(out) == {"te": "cached", "prune": "ran", "eval": "ran"}
+    assert json.loads((out / "run.json").read_text())["status"] == "partial"
+    assert states(out) == {"te": "cached", "prune": "ran", "eval": "pending"}
     assert weights_hash(out / "02-prune" / "artifact") == old  # the same training again, bit for bit
-    partial = tmp_path / "partial"
-    result = run(chain, partial, "--until", "te")
+    result = run(chain, out)  # the new prune artifact (its metrics differ) is a new parent for eval
     assert result.exit_code == 0, result.output
-    report = json.loads((partial / "run.json").read_text())
-    assert report["status"] == "partial" and states(partial) == {"te": "ran", "prune": "pending", "eval": "pending"}
-    assert not (partial / "02-prune").exists()
+    assert states(out) == {"te": "cached", "prune": "cached", "eval": "ran"}
 
 
 def test_a_stopped_chain_resumes_with_the_training_steps_own_resume(chain, first, tmp_path, monkeypatch):
@@ -165,10 +162,10 @@ def test_a_stopped_chain_resumes_with_the_training_steps_own_resume(chain, first
         return fit(self, hook)
 
     monkeypatch.setattr(MultiModelTrainer, "fit", interrupted_fit)
-    out = tmp_path / "out"
-    result = run(chain, out)
+    out = copy_of(first, tmp_path)
+    result = run(chain, out, "--from", "prune")
     assert result.exit_code == 130, result.output
-    assert calls == [2] and states(out) == {"te": "ran", "prune": "stopped", "eval": "pending"}
+    assert calls == [2] and states(out) == {"te": "cached", "prune": "stopped", "eval": "pending"}
     assert json.loads((out / "run.json").read_text())["status"] == "stopped"
     assert not (out / "02-prune" / "artifact").exists()
     assert list((out / "02-prune" / "artifact.work" / "stage2" / "checkpoints").glob("*.pt"))
@@ -176,10 +173,7 @@ def test_a_stopped_chain_resumes_with_the_training_steps_own_resume(chain, first
     result = run(chain, out)
     assert result.exit_code == 0, result.output
     assert "resuming" in result.output and states(out) == {"te": "cached", "prune": "ran", "eval": "ran"}
-    # the same te weights (a seeded run), so the resumed pruning ends where the uninterrupted one did
-    te_weights = [{k: v for k, v in read_state(o / "01-te" / "artifact")["files"].items() if k.endswith(".safetensors")}
-                  for o in (out, first)]  # fmt: skip
-    assert te_weights[0] and te_weights[0] == te_weights[1]
+    # the resumed pruning ends where the uninterrupted one did
     assert weights_hash(out / "02-prune" / "artifact") == weights_hash(first / "02-prune" / "artifact")
 
 
