@@ -631,7 +631,7 @@ def check_regression(report: dict, baseline: dict, max_fraction: float) -> tuple
             continue
         change = new / old - 1
         compared[name] = {"baseline_ms": old, "ms": new, "change": change}
-        if change > max_fraction:
+        if new > old * (1 + max_fraction) * (1 + 1e-12):  # exactly at the threshold passes (float rounding aside)
             violations.append(f"{name}: {new:.2f} ms vs baseline {old:.2f} ms (+{100 * change:.1f}% > {100 * max_fraction:g}%)")
     return violations, compared
 
