@@ -1,0 +1,28 @@
+"""`neodragon step-distill` under `torchrun --nproc_per_node 2` (gloo, CPU) ends with the weights of one
+process that sees the same global batches in two accumulation steps: DMD (fake score and student phases,
+prompts only) and progressive (rank 0 alone generates the teacher videos, the other rank reads them)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
+from test_prune import tiny_pipeline  # noqa: E402
+from test_step_distill_cli import TINY, weights  # noqa: E402
+from torchrun_cli import MARKS, assert_two_ranks_match_accumulation  # noqa: E402
+
+pytestmark = MARKS
+
+# batch 4: 2 samples per rank. Adam's eps well above rounding noise (see test_prune_ddp).
+RUN = ["train.batch_size=4", "train.max_steps=2", "train.eps=1e-3", "critic.eps=1e-3", "train.seed=3", "schedule=2-2-2"]
+
+
+@pytest.mark.parametrize("method", ["dmd", "progressive"])
+def test_two_ranks_match_one_process_with_accumulation(tmp_path, method):
+    parent = tiny_pipeline(tmp_path)
+    args = ["step-distill", f"shapes/step_distill_{method}", f"parent={parent}", *TINY, *RUN]
+    assert_two_ranks_match_accumulation(args, tmp_path, weights)
