@@ -177,6 +177,18 @@ def test_a_stopped_chain_resumes_with_the_training_steps_own_resume(chain, first
     assert weights_hash(out / "02-prune" / "artifact") == weights_hash(first / "02-prune" / "artifact")
 
 
+def test_a_killed_step_continues_from_its_checkpoints(chain, first, tmp_path):
+    out = copy_of(first, tmp_path)
+    record = json.loads((out / "02-prune" / "step.json").read_text())
+    (out / "02-prune" / "step.json").write_text(json.dumps({**record, "state": "running"}))  # as a killed process leaves it
+    shutil.rmtree(out / "02-prune" / "artifact")
+    result = run(chain, out)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and states(out)["prune"] == "ran"
+    assert weights_hash(out / "02-prune" / "artifact") == weights_hash(first / "02-prune" / "artifact")
+    assert verify_artifact(out / "02-prune" / "artifact") == []
+
+
 def test_a_failed_step_is_recorded_and_the_next_run_continues(chain, first, tmp_path, monkeypatch):
     from neodragon_cli.pipelines import chain as chain_module
 
