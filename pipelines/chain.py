@@ -141,6 +141,21 @@ class EvalOptions:
 
 
 @dataclass
+class ProfileOptions:
+    """`neodragon profile` settings: per-module latency and memory of the parent (Table 7), report only."""
+
+    runtime: Literal["auto", "torch", "onnx", "qnn"] = setting("auto", "auto: torch for a model folder, onnx for an export or quantize artifact")
+    runs: int = setting(5, "timed calls per module, after one warm-up call")
+    dtype: Literal["bf16", "fp16", "fp32"] = setting("fp32", "torch runtime: weights and activations dtype")
+    seed: int = setting(0, "seed of the end-to-end generation")
+    png: bool = setting(True, "also write profile.png (latency / memory per module)")
+    sampling: GenerationSettings = field(default_factory=GenerationSettings, metadata={"doc": "mode, steps, frames, height, width over the model's defaults"})
+
+    def validate(self) -> list[str]:
+        return [f"runs must be at least 1, got {self.runs}"] if self.runs < 1 else []
+
+
+@dataclass
 class StepContext:
     """What a step's run function gets: its parent, its validated configuration (a recipe object or
     options), its step folder, and whether to continue an interrupted run."""
@@ -271,12 +286,38 @@ def _run_eval(ctx: StepContext) -> StepOutcome:
     return StepOutcome(None, results=summary)
 
 
+def _run_profile(ctx: StepContext) -> StepOutcome:
+    """`profile_pipeline` on the parent into `profile.json` (validated against the report schema) and
+    `profile.png`; the results are the end-to-end time and each module's median latency per call."""
+    from neodragon_cli.atomic import write_json
+    from neodragon_cli.console import console
+    from neodragon_cli.pipelines.deploy import profile as prof
+
+    opts: ProfileOptions = ctx.config
+    kind = prof.detect_kind(ctx.parent)
+    runtime = opts.runtime if opts.runtime != "auto" else ("torch" if kind == "model" else "onnx")
+    prof.check_runtime(kind, runtime)
+    if runtime == "qnn":
+        prof.check_qnn_available()
+    report = prof.profile_pipeline(prof.Target(ctx.parent, kind, ctx.parent.name), runtime=runtime, settings=opts.sampling,
+                                   runs=opts.runs, seed=opts.seed, dtype=opts.dtype,
+                                   progress=lambda message: console.print(f"[dim]{message}[/]", highlight=False))  # fmt: skip
+    problems = prof.validate(report)
+    if problems:
+        raise RuntimeError(f"the profile report does not match its schema: {problems[0]}")
+    write_json(ctx.folder / "profile.json", report)
+    if opts.png:
+        prof.plot(report, ctx.folder / "profile.png")
+    medians = {name: entry["latency_ms"]["median"] for name, entry in report["modules"].items()}
+    return StepOutcome(None, results={"runtime": runtime, "end_to_end_s": report["end_to_end"]["seconds"], "median_ms": medians})
+
+
 def _describe_eval(opts: EvalOptions, chain_dir: Path) -> list[str]:
     return _eval_prompts(opts, chain_dir)
 
 
 # The commands a chain can run, by command name. A training command with a `parent` in its recipe is
-# one `TrainingStep(...)` line; `quantize` and `profile` come when their commands do.
+# one `TrainingStep(...)` line; `quantize` comes when its command does.
 STEP_KINDS: dict[str, StepKind] = {
     kind.command: kind
     for kind in (
@@ -285,6 +326,7 @@ STEP_KINDS: dict[str, StepKind] = {
         TrainingStep("prune"),
         TrainingStep("step-distill"),
         StepKind("export", _run_export, operation="export", options=ExportOptions),
+        StepKind("profile", _run_profile, operation=None, options=ProfileOptions),
         StepKind("eval", _run_eval, operation=None, options=EvalOptions, describe=_describe_eval),
     )
 }

@@ -45,6 +45,7 @@ def write_chain(root: Path, parent: Path, *, export: bool = False) -> Path:
     }
     if export:
         steps["export"] = {"command": "export"}
+        steps["profile"] = {"command": "profile", "options": {"runs": 1, "png": False}}
         steps["eval-onnx"] = {"command": "eval", "options": {"shapes_prompts": 1}}
     path = root / "chain.yaml"
     path.write_text(yaml.safe_dump({"command": "chain", "model": str(parent), "steps": steps}, sort_keys=False))
@@ -228,4 +229,21 @@ def test_a_chain_through_export_evaluates_with_onnx_runtime(tmp_path):
     exported = out / "04-export" / "artifact"
     assert verify_artifact(exported) == []
     assert [op["operation"] for op in read_state(exported)["operations"]] == ["distill-te", "prune", "export"]
-    assert json.loads((out / "05-eval-onnx" / "eval.json").read_text())["summary"]["runtime"] == "onnx"
+    assert json.loads((out / "05-profile" / "profile.json").read_text())["runtime"] == "onnx"
+    assert json.loads((out / "06-eval-onnx" / "eval.json").read_text())["summary"]["runtime"] == "onnx"
+
+
+def test_a_profile_step_writes_the_report_of_its_parent(chain, tmp_path):
+    path = tmp_path / "profile.yaml"
+    model = yaml.safe_load(chain.read_text())["model"]
+    path.write_text(yaml.safe_dump({"command": "chain", "model": model,
+                                    "steps": {"profile": {"command": "profile", "options": {"runs": 1}}}}))
+    out = tmp_path / "out"
+    result = run(path, out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "01-profile" / "profile.json").read_text())
+    assert report["runtime"] == "torch" and report["target"]["path"] == model and report["modules"]
+    assert (out / "01-profile" / "profile.png").read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((out / "run.json").read_text())["steps"][0]["results"]
+    assert results["end_to_end_s"] > 0 and set(results["median_ms"]) == set(report["modules"])
+    assert run(path, out).exit_code == 0 and states(out) == {"profile": "cached"}
