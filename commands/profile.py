@@ -57,6 +57,7 @@ def profile(
     mode: str = typer.Option(None, "--mode", help="hybrid or monolithic (default: the model's)."),
     dtype: str = typer.Option("fp32", "--dtype", help="torch runtime: bf16, fp16 or fp32."),
     seed: int = typer.Option(0, "--seed", help="Seed of the end-to-end generation."),
+    modules: str = typer.Option(None, "--modules", help="real:* sizes: a comma list of modules or roles to measure (default all)."),
 ) -> None:
     """Per-module latency (min / median of --runs, load time apart) and peak memory per pipeline role,
     end-to-end generation time, as a Table-7-shaped table and a JSON report; budgets and regression
@@ -67,8 +68,8 @@ def profile(
     from neodragon_cli.pipelines.deploy import profile as prof
 
     # ---- every check before any work
-    if runs < 1:
-        raise UsageError(f"--runs must be at least 1, got {runs}")
+    if runs < 0 or (runs == 0 and not model.startswith("real:")):
+        raise UsageError(f"--runs must be at least 1, got {runs}", hint="--runs 0 (the warm-up call only) is for real:* sizes")
     budgets = prof.parse_budgets(fail_over)
     threshold = prof.parse_regression(max_regression)
     if (baseline is None) != (threshold is None):
@@ -87,10 +88,11 @@ def profile(
     if model.startswith("real:"):
         if model not in REAL_SIZES:
             raise UsageError(f"unknown real-size pipeline '{model}'", hint=f"use one of: {', '.join(REAL_SIZES)}")
-        if not analytic or runtime not in (None, "none"):
-            raise UsageError(f"{model} is a published size built on the meta device: it has no weights to run", hint="use --analytic alone")
+        if runtime not in (None, "none", "torch"):
+            raise UsageError(f"{model} is a published size with random weights: it runs with --runtime torch only",
+                             hint="or --analytic alone for the compute model")  # fmt: skip
         target = prof.Target(Path(model), "real-size", model)
-        runtime = "none"
+        runtime = runtime or ("none" if analytic else "torch")
     else:
         path = resolve_model(model)
         kind = prof.detect_kind(path)
@@ -118,6 +120,8 @@ def profile(
 
     if runtime == "none":
         report = _analytic_only(target, settings, say)
+    elif target.kind == "real-size":
+        report = _real_size(target, settings, runs, dtype, modules, say)
     elif runtime == "aihub":
         report = _aihub(target, settings, device, seed, say)
     else:
@@ -211,7 +215,7 @@ def _analytic_for(target, report, settings, say) -> dict:
     """The compute model for a measured report, with per-module FLOPs and the predicted times."""
     from neodragon_cli.pipelines.deploy import analytic
 
-    if target.kind == "model":
+    if target.kind in ("model", "real-size"):
         parts, resolved = _analytic_components(target, settings)
         block = _analytic_block(parts, resolved, say)
         flops = {}
@@ -228,13 +232,28 @@ def _analytic_for(target, report, settings, say) -> dict:
         block = {"figures": analytic.paper_figures(manifest["latent_frames"]), "dot_products": None,
                  "flops": {n: {"flops_per_call": f} for n, f in flops.items()}, "predicted": None}  # fmt: skip
     measured = {n: e["latency_ms"]["median"] for n, e in report["modules"].items() if e["latency_ms"]["median"] is not None}
-    if target.kind == "model" and "mmdit_stage0" in flops:
+    if target.kind in ("model", "real-size") and "mmdit_stage0" in flops:
         # the measured stage call is the longest history: predict that call, not the stage's average
         for name, entry in block["flops"].items():
             if name.startswith("mmdit_stage"):
                 flops[name] = entry["per_call_max"]
     block["predicted"] = analytic.predict_times(flops, measured)
     return block
+
+
+def _real_size(target, settings, runs, dtype, modules, say) -> dict:
+    from neodragon_cli.pipelines.deploy import profile as prof
+
+    _, resolved = _analytic_components(target, settings)
+    names = [m.strip() for m in modules.split(",") if m.strip()] if modules else None
+    records = prof.profile_real_size(target.name, settings=resolved, runs=runs, dtype=dtype, modules=names, progress=say)
+    return {
+        "format": prof.FORMAT, "created": _now(), "target": {"path": str(target.path), "kind": target.kind, "name": target.name},
+        "runtime": "torch", "device": f"cpu ({dtype})", "latency_meaningful": True, "environment": prof.environment(),
+        "settings": {k: v for k, v in resolved.as_dict().items() if k not in ("prompt_modifier", "negative_prompt")},
+        "runs": runs, "load_seconds": None, "end_to_end": None, "modules": {r.name: r.as_dict() for r in records}, "analytic": None,
+        "checks": None, "notes": ["published sizes with random weights, one module resident at a time; no end-to-end run"],
+    }  # fmt: skip
 
 
 def _aihub(target, settings, device, seed, say) -> dict:

@@ -230,12 +230,11 @@ class Components:
         return (frames - 1) // self.temporal_compression + 1
 
 
-def real_size_components(name: str) -> Components:
-    """A published-size pipeline with its parameters on the meta device (nothing allocated):
+def real_size_builders(name: str) -> dict[str, Callable[[], object]]:
+    """Constructors of a published-size pipeline's networks, by Components field (clips: a list):
     real:neodragon (DistilT5, CLIP-L + CLIP-G pooled, ContextAdapter, 18-block MMDiT, asymmetric VAE
     with the TAEHV-style decoder, QuickSRNet-Large 2x) or real:pyramid-flow (T5-XXL, CLIP-L + CLIP-G,
-    24-block SD3 MMDiT, causal VAE)."""
-    from neodragon_cli.pipelines.models.base import parameters_on_meta
+    24-block SD3 MMDiT, causal VAE). Called on the meta device they allocate nothing."""
     from neodragon_cli.pipelines.models.causal_vae import AsymmetricCausalVideoVAE, CausalVideoVAE
     from neodragon_cli.pipelines.models.context_adapter import ContextAdapter
     from neodragon_cli.pipelines.models.mmdit import mmdit_from_preset
@@ -244,15 +243,21 @@ def real_size_components(name: str) -> Components:
 
     if name not in REAL_SIZES:
         raise UsageError(f"unknown real-size pipeline '{name}'", hint=f"use one of: {', '.join(REAL_SIZES)}")
+    clips = lambda: [CLIPTextEncoder(clip_text_config(**CLIP_SIZES[c])) for c in ("clip-l", "clip-g")]  # noqa: E731
+    if name == "real:neodragon":
+        return {"mmdit": lambda: mmdit_from_preset("neodragon-18"), "t5": lambda: DistilT5(t5_config(**T5_SIZES["flan-t5-base"])),
+                "clips": clips, "context_adapter": ContextAdapter, "vae": AsymmetricCausalVideoVAE, "sr": lambda: QuickSRNetLarge(2)}  # fmt: skip
+    return {"mmdit": lambda: mmdit_from_preset("pyramid-flow-sd3-2b"), "t5": lambda: T5TextEncoder(t5_config(**T5_SIZES["t5-v1_1-xxl"])),
+            "clips": clips, "vae": CausalVideoVAE}  # fmt: skip
+
+
+def real_size_components(name: str) -> Components:
+    """A published-size pipeline (`real_size_builders`) with its parameters on the meta device."""
+    from neodragon_cli.pipelines.models.base import parameters_on_meta
+
+    builders = real_size_builders(name)
     with parameters_on_meta(), torch.device("meta"):
-        clips = [CLIPTextEncoder(clip_text_config(**CLIP_SIZES[c])) for c in ("clip-l", "clip-g")]
-        if name == "real:neodragon":
-            return Components(
-                mmdit=mmdit_from_preset("neodragon-18"), t5=DistilT5(t5_config(**T5_SIZES["flan-t5-base"])), clips=clips,
-                context_adapter=ContextAdapter(), vae=AsymmetricCausalVideoVAE(), decoder=None, sr=QuickSRNetLarge(2), name=name,
-            )  # fmt: skip
-        return Components(mmdit=mmdit_from_preset("pyramid-flow-sd3-2b"), t5=T5TextEncoder(t5_config(**T5_SIZES["t5-v1_1-xxl"])),
-                          clips=clips, vae=CausalVideoVAE(), name=name)  # fmt: skip
+        return Components(**{key: build() for key, build in builders.items()}, name=name)
 
 
 def count_flops(call: Callable[[], object], module_suffix: str | None = None) -> tuple[float, float, float, float]:

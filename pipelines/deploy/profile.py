@@ -549,6 +549,102 @@ def profile_pipeline(target: Target, *, runtime: str, settings=None, runs: int =
     }
 
 
+def profile_real_size(name: str, *, settings, runs: int = 1, dtype: str = "fp32", modules: list[str] | None = None,
+                      progress: Callable[[str], None] | None = None) -> list[ModuleRecord]:  # fmt: skip
+    """Each network of a published-size pipeline (`analytic.real_size_builders`) with random weights,
+    built, measured on inputs of the schedule's shapes (the MMDiT: each stage's longest-history call)
+    and freed one at a time, as the phone holds one graph at a time. `settings` resolved; `modules`:
+    names to keep (default all). No end-to-end run."""
+    import torch
+
+    from neodragon_cli.pipelines.deploy import analytic
+    from neodragon_cli.pipelines.flow.pipeline import parse_dtype
+
+    progress = progress or (lambda _msg: None)
+    dt = parse_dtype(dtype)
+    builders = analytic.real_size_builders(name)
+    config = settings.sampling_config()
+    hybrid = settings.mode == "hybrid"
+    scale = 8
+    latents = (settings.frames - 1) // 8 + 1
+    latent_size = (settings.height // scale, settings.width // scale)
+    calls = analytic.schedule_calls(config, latent_frames=latents, latent_size=latent_size, patch_size=2, text_tokens=128, hybrid=hybrid)
+
+    def cast(x):
+        return x.to(dt) if x.is_floating_point() else x
+
+    plan: list[tuple[str, str, int | None, int, Callable, Callable]] = []  # name, role, stage, calls, build, make inputs
+    plan.append(("t5", "text_encoder", None, 1, builders["t5"], lambda m: ((torch.zeros(1, 128, dtype=torch.long),), {})))
+    for i in range(2):
+        plan.append((f"clip_{i}", "text_encoder", None, 1, lambda i=i: builders["clips"]()[i], lambda m: ((torch.zeros(1, 77, dtype=torch.long),), {})))
+    if "context_adapter" in builders:
+        plan.append(("context_adapter", "context_adapter", None, 1, builders["context_adapter"], lambda m: ((torch.randn(1, 128, 4096),), {})))
+    for stage in range(3):
+        stage_calls = [c for c in calls if c.stage == stage]
+        longest = stage_calls[-1]
+
+        def inputs(m, call=longest):
+            clips = [torch.randn(call.batch, m.out_channels, 1, h, w) for h, w in call.frame_sizes]
+            return (), dict(sample=[clips], encoder_hidden_states=torch.randn(call.batch, 128, m.text_width), encoder_attention_mask=None,
+                            pooled_projections=torch.randn(call.batch, m.config["pooled_projection_dim"]), timestep_ratio=torch.tensor([500.0] * call.batch))  # fmt: skip
+
+        plan.append((f"mmdit_stage{stage}", "mmdit", stage, sum(c.steps * (c.batch if c.batch > 1 else 1) for c in stage_calls), builders["mmdit"], inputs))
+    if hybrid:
+        plan.append(("vae_encoder", "vae", None, 1, builders["vae"], "encode"))
+    plan.append(("decoder", "decoder", None, latents, builders["vae"], None))
+    if "sr" in builders and settings.sr:
+        plan.append(("sr", "sr", None, settings.frames, builders["sr"], lambda m: ((torch.rand(1, 3, settings.height, settings.width),), {})))
+    records = []
+    for module_name, role, stage, per_video, build, make_inputs in plan:
+        if modules and module_name not in modules and role not in modules:
+            continue
+        progress(f"building {module_name} (random weights, {dtype})")
+        release_free_memory()
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        network = build().eval().to(dt)
+        load = (time.perf_counter() - start) * 1e3
+        record = ModuleRecord(module_name, role, stage=stage, calls_per_video=per_video, load_ms=load, weights_mb=_module_mb(network),
+                              notes=["random weights; load_ms is building and initialising the module"])  # fmt: skip
+        if make_inputs == "encode":  # the hybrid first frame through the VAE encoder (+ quant conv)
+            del network.decoder
+            record.weights_mb = _module_mb(network)
+            frame = torch.randn(1, 3, 1, settings.height, settings.width, dtype=dt)
+            record.inputs = {"video": list(frame.shape)}
+
+            def call(network=network, frame=frame):
+                return network.encode(frame)
+
+        elif make_inputs is None:  # the streaming decoder over every latent frame of the video
+            chunks = [torch.randn(1, 16, 1, *latent_size, dtype=dt) for _ in range(latents)]
+            record.replay_calls = latents
+            record.inputs = {"latent": [1, 16, 1, *latent_size]}
+            record.notes.append(f"one replay streams all {latents} latent frames; latency is per latent frame")
+
+            def call(network=network, chunks=chunks):
+                return list(network.stream_decode(iter(chunks)))
+
+            if hasattr(network, "encoder"):
+                del network.encoder  # the decoder alone is resident
+            record.weights_mb = _module_mb(network)
+        else:
+            args, kwargs = make_inputs(network)
+            args = tuple(cast(a) for a in args)
+            kwargs = {k: ([[cast(c) for c in v[0]]] if k == "sample" else cast(v) if isinstance(v, torch.Tensor) and k != "timestep_ratio" else v)
+                      for k, v in kwargs.items()}  # fmt: skip
+            record.inputs = {"args": _shapes(args), **({"clips": _shapes(kwargs["sample"][0])} if "sample" in kwargs else {})}
+
+            def call(network=network, args=args, kwargs=kwargs):
+                return network(*args, **kwargs)
+
+        progress(f"timing {module_name}")
+        with torch.no_grad():
+            record.latency = measure(call, runs)
+        records.append(record)
+        del network, call
+    return records
+
+
 # ------------------------------------------------------------------------------------ checks
 
 

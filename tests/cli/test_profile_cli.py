@@ -41,7 +41,7 @@ def export_dir(tmp_path):
         ([EMBEDDED, "--runtime", "onnx"], "make an export first"),
         ([EMBEDDED, "--steps", "1-x-1"], "--steps"),
         ([EMBEDDED, "--device", "Snapdragon 8 Elite QRD"], "--device names an AI Hub device"),
-        (["real:neodragon"], "use --analytic alone"),
+        (["real:neodragon", "--runtime", "onnx"], "runs with --runtime torch only"),
         (["real:sd3", "--analytic"], "unknown real-size pipeline"),
         ([EMBEDDED, "--analytic", "--png", "x.png"], "need a measurement"),
         (["no-such-model-here"], "no model folder"),
