@@ -55,16 +55,19 @@ def register() -> list:
 
 
 @contextmanager
-def _stderr_to(path: Path):
-    """Send file descriptor 2 (where ONNX Runtime's C++ logger writes) to `path` meanwhile."""
-    saved = os.dup(2)
+def _native_output_to(path: Path):
+    """Send file descriptors 1 and 2 (ONNX Runtime's C++ logger, the QNN libraries' banners) to `path` meanwhile."""
+    saved = [os.dup(1), os.dup(2)]
     with open(path, "wb") as sink:
+        os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def htp_session(path: Path, *, threads: int = 1, htp_arch: str = DEFAULT_HTP_ARCH, soc_model: str = DEFAULT_SOC_MODEL,
@@ -87,7 +90,7 @@ def htp_session(path: Path, *, threads: int = 1, htp_arch: str = DEFAULT_HTP_ARC
     with tempfile.TemporaryDirectory() as scratch:
         log = Path(scratch) / "ort.log"
         try:
-            with _stderr_to(log):
+            with _native_output_to(log):
                 return ort.InferenceSession(str(path), options)
         except Exception as exc:
             text = log.read_text(errors="replace")
