@@ -20,9 +20,10 @@ import typer
 
 
 def _settings(height, width, frames, steps, mode):
-    from neodragon_cli.errors import UsageError
     from neodragon_cli.pipelines.flow.scheduler import parse_steps
     from neodragon_cli.pipelines.flow.settings import GenerationSettings
+
+    from neodragon_cli.errors import UsageError
 
     if mode is not None and mode not in ("hybrid", "monolithic"):
         raise UsageError(f"unknown mode '{mode}'", hint="use hybrid or monolithic")
@@ -62,10 +63,11 @@ def profile(
     """Per-module latency (min / median of --runs, load time apart) and peak memory per pipeline role,
     end-to-end generation time, as a Table-7-shaped table and a JSON report; budgets and regression
     checks for CI (exit 1); the paper's compute model with --analytic."""
+    from neodragon_cli.pipelines.deploy import profile as prof
+
     from neodragon_cli.artifacts import resolve_model
     from neodragon_cli.errors import UsageError
     from neodragon_cli.paths import check_output_file
-    from neodragon_cli.pipelines.deploy import profile as prof
 
     # ---- every check before any work
     if runs < 0 or (runs == 0 and not model.startswith("real:")):
@@ -157,8 +159,9 @@ def _analytic_components(target, settings):
     from neodragon_cli.pipelines.deploy import analytic
 
     if target.kind == "real-size":
-        from neodragon_cli import recipes
         from neodragon_cli.pipelines.flow.settings import GenerationSettings
+
+        from neodragon_cli import recipes
 
         parts = analytic.real_size_components(target.name)
         recipe = "neodragon/hybrid" if target.name == "real:neodragon" else "pyramid_flow/384p"
@@ -265,7 +268,7 @@ def _aihub(target, settings, device, seed, say) -> dict:
 
     manifest = read_manifest(target.path)
     say("recording every graph's inputs with ONNX Runtime (CPU)")
-    _, resolved, profiler, seconds, feeds, load = prof.record_onnx(target.path, [settings], seed=seed)
+    _, resolved, _profiler, _seconds, feeds, _load = prof.record_onnx(target.path, [settings], seed=seed)
     records = profile_on_device(target.path, manifest, feeds, device, progress=say)
     return {
         "format": prof.FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -278,9 +281,8 @@ def _aihub(target, settings, device, seed, say) -> dict:
 
 
 def _print(report: dict, console) -> None:
-    from rich.table import Table
-
     from neodragon_cli.pipelines.deploy import profile as prof
+    from rich.table import Table
 
     if report["modules"]:
         rows = prof.table_rows(report)

@@ -19,9 +19,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from neodragon_cli.pipelines.deploy.profile import (
+    Measurement,
+    ModuleRecord,
+    onnx_replays,
+)
 
 from neodragon_cli.errors import UsageError
-from neodragon_cli.pipelines.deploy.profile import Measurement, ModuleRecord, onnx_replays
 
 CONFIGURE_HINT = "run `qai-hub configure --api_token YOUR_TOKEN` (the token is in your AI Hub account settings)"
 DEFAULT_OPTIONS = "--target_runtime qnn_context_binary"

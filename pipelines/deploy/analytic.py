@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -217,7 +217,7 @@ class Components:
     name: str = ""
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "Components":
+    def from_pipeline(cls, pipe) -> Components:
         bundle = pipe.text_encoder
         return cls(
             mmdit=pipe.mmdit, t5=getattr(bundle, "t5_encoder", None), clips=list(getattr(bundle, "clip_encoders", [])),
@@ -235,15 +235,26 @@ def real_size_builders(name: str) -> dict[str, Callable[[], object]]:
     real:neodragon (DistilT5, CLIP-L + CLIP-G pooled, ContextAdapter, 18-block MMDiT, asymmetric VAE
     with the TAEHV-style decoder, QuickSRNet-Large 2x) or real:pyramid-flow (T5-XXL, CLIP-L + CLIP-G,
     24-block SD3 MMDiT, causal VAE). Called on the meta device they allocate nothing."""
-    from neodragon_cli.pipelines.models.causal_vae import AsymmetricCausalVideoVAE, CausalVideoVAE
+    from neodragon_cli.pipelines.models.causal_vae import (
+        AsymmetricCausalVideoVAE,
+        CausalVideoVAE,
+    )
     from neodragon_cli.pipelines.models.context_adapter import ContextAdapter
     from neodragon_cli.pipelines.models.mmdit import mmdit_from_preset
     from neodragon_cli.pipelines.models.quicksrnet import QuickSRNetLarge
-    from neodragon_cli.pipelines.models.text_encoders import CLIP_SIZES, T5_SIZES, CLIPTextEncoder, DistilT5, T5TextEncoder, clip_text_config, t5_config
+    from neodragon_cli.pipelines.models.text_encoders import (
+        CLIP_SIZES,
+        T5_SIZES,
+        CLIPTextEncoder,
+        DistilT5,
+        T5TextEncoder,
+        clip_text_config,
+        t5_config,
+    )
 
     if name not in REAL_SIZES:
         raise UsageError(f"unknown real-size pipeline '{name}'", hint=f"use one of: {', '.join(REAL_SIZES)}")
-    clips = lambda: [CLIPTextEncoder(clip_text_config(**CLIP_SIZES[c])) for c in ("clip-l", "clip-g")]  # noqa: E731
+    clips = lambda: [CLIPTextEncoder(clip_text_config(**CLIP_SIZES[c])) for c in ("clip-l", "clip-g")]
     if name == "real:neodragon":
         return {"mmdit": lambda: mmdit_from_preset("neodragon-18"), "t5": lambda: DistilT5(t5_config(**T5_SIZES["flan-t5-base"])),
                 "clips": clips, "context_adapter": ContextAdapter, "vae": AsymmetricCausalVideoVAE, "sr": lambda: QuickSRNetLarge(2)}  # fmt: skip

@@ -36,9 +36,9 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -247,7 +247,7 @@ class TorchRecorder:
         self.calls[key] = self.calls.get(key, 0) + 1
         self.last[key] = (args, kwargs)
 
-    def __enter__(self) -> "TorchRecorder":
+    def __enter__(self) -> TorchRecorder:
         pipe = self.pipe
         for role in ("text_encoder", "context_adapter", "sr"):
             module = getattr(pipe, role)
@@ -418,7 +418,6 @@ def record_onnx(folder: Path, settings_layers: list, *, seed: int = 0, image=Non
     """Load the exported pipeline with recording sessions, generate once; (pipe, resolved settings,
     profiler, seconds, feeds per graph, load seconds)."""
     import torch
-
     from neodragon_cli.pipelines.deploy import onnx_tools
     from neodragon_cli.pipelines.deploy.calibration import RecordingSession
     from neodragon_cli.pipelines.deploy.runtime import load_onnx_pipeline
@@ -556,7 +555,6 @@ def profile_real_size(name: str, *, settings, runs: int = 1, dtype: str = "fp32"
     and freed one at a time, as the phone holds one graph at a time. `settings` resolved; `modules`:
     names to keep (default all). No end-to-end run."""
     import torch
-
     from neodragon_cli.pipelines.deploy import analytic
     from neodragon_cli.pipelines.flow.pipeline import parse_dtype
 
@@ -588,7 +586,7 @@ def profile_real_size(name: str, *, settings, runs: int = 1, dtype: str = "fp32"
             return (), dict(sample=[clips], encoder_hidden_states=torch.randn(call.batch, 128, m.text_width), encoder_attention_mask=None,
                             pooled_projections=torch.randn(call.batch, m.config["pooled_projection_dim"]), timestep_ratio=torch.tensor([500.0] * call.batch))  # fmt: skip
 
-        plan.append((f"mmdit_stage{stage}", "mmdit", stage, sum(c.steps * (c.batch if c.batch > 1 else 1) for c in stage_calls), builders["mmdit"], inputs))
+        plan.append((f"mmdit_stage{stage}", "mmdit", stage, sum(c.steps * (max(1, c.batch)) for c in stage_calls), builders["mmdit"], inputs))
     if hybrid:
         plan.append(("vae_encoder", "vae", None, 1, builders["vae"], "encode"))
     plan.append(("decoder", "decoder", None, latents, builders["vae"], None))

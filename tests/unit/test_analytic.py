@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from neodragon_cli.pipelines.deploy import analytic
 from neodragon_cli.pipelines.flow.settings import SamplingConfig
 

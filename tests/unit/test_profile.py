@@ -9,9 +9,9 @@ import json
 
 import numpy as np
 import pytest
+from neodragon_cli.pipelines.deploy import profile as prof
 
 from neodragon_cli.errors import UsageError
-from neodragon_cli.pipelines.deploy import profile as prof
 
 
 def module(median: float, role: str = "mmdit", stage: int | None = 2) -> dict:
@@ -242,7 +242,7 @@ def test_aihub_profile_through_faked_client_jobs(configured, monkeypatch, tmp_pa
     monkeypatch.setattr(hub, "submit_inference_job", lambda **kwargs: FakeInferenceJob(log, kwargs))
     records = profile_on_device(tmp_path, manifest, feeds, "Snapdragon 8 Elite QRD")
     assert [r.name for r in records] == ["sr"]
-    (kind, compiled), (_, inference) = log
+    (_, compiled), (_, inference) = log
     assert compiled["input_specs"] == {"x": ((1, 3, 8, 8), "float32")} and "--target_runtime" in compiled["options"]
     assert inference["model"] == "compiled-model" and inference["profile"] is True and inference["inputs"]["x"][0].shape == (1, 3, 8, 8)
     entry = records[0].as_dict()
