@@ -357,29 +357,30 @@ class TorchRecorder:
 
 
 def check_qnn_available() -> None:
-    """UsageError (exit 2) when the onnxruntime-qnn plugin is not installed."""
+    """UsageError (exit 2) when the QNN execution provider cannot be loaded (no onnxruntime-qnn)."""
     import importlib.util
 
+    from neodragon_cli.pipelines.deploy import qnn
+
     if importlib.util.find_spec("onnxruntime_qnn") is None:
-        raise UsageError("--runtime qnn needs the onnxruntime-qnn package, which is not installed",
-                         hint="pip install onnxruntime-qnn")  # fmt: skip
+        raise UsageError("--runtime qnn needs the onnxruntime-qnn package, which is not installed", hint="pip install onnxruntime-qnn")
+    try:
+        qnn.register()
+    except qnn.QnnUnavailable as exc:
+        raise UsageError(exc.message, hint=exc.hint) from None
 
 
 def qnn_session(path: Path):
-    """An ONNX Runtime session on the QNN execution provider's HTP backend (the onnxruntime-qnn plugin;
-    on x86-64 a simulator)."""
-    import onnxruntime as ort
+    """A QNN HTP session of the graph (`qnn.htp_session`: CPU fallback disabled, so a graph with a node
+    the NPU does not take fails, naming it)."""
+    import torch
 
-    check_qnn_available()
-    import onnxruntime_qnn
+    from neodragon_cli.pipelines.deploy import qnn
 
-    if not any(d.ep_name == "QNNExecutionProvider" for d in ort.get_ep_devices()):
-        ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_provider_for_devices(devices, {"backend_type": "htp"})
-    return ort.InferenceSession(str(path), options)
+    try:
+        return qnn.htp_session(path, threads=torch.get_num_threads())
+    except qnn.UnsupportedNodes as exc:
+        raise NeodragonError(f"the QNN HTP backend does not take every node of {exc}", hint="see docs/quantize.md") from None
 
 
 def _graph_mb(folder: Path, entry: dict) -> float:
