@@ -141,6 +141,36 @@ class EvalOptions:
 
 
 @dataclass
+class QuantizeOptions:
+    """`neodragon quantize` settings (null: quantize's default, e.g. W8A16 with AdaRound on the SR graph)."""
+
+    scheme: str | None = setting(None, "w8a16, w8a8 or fp16 for every graph but the text encoders and ContextAdapter (fp16)")
+    per_module: list[str] = setting([], "SCHEME=MODULES items applied in order (graph names, groups or patterns)")
+    adaround: str | None = setting(None, "MODULES to AdaRound, or none (null: the SR graph when the export has one)")
+    adaround_iterations: int | None = setting(None, "AdaRound optimisation steps per layer")
+    calibration: int | None = setting(None, "calibration inputs per graph (null: the paper's sizes)")
+    backend: str | None = setting(None, "aimet or ort")
+    prompts: str = setting("", "calibration prompt file (its last prompt held out); empty: Shapes captions")
+    videos: int | None = setting(None, "at most this many calibration videos")
+    seed: int | None = setting(None, "seed of the calibration videos")
+    heldout_samples: int | None = setting(None, "held-out inputs per graph for the SQNR table")
+    qnn: bool | None = setting(None, "load every graph on the QNN HTP backend with CPU fallback disabled")
+    qnn_samples: int | None = setting(None, "held-out inputs run on HTP per graph")
+    end_to_end: bool | None = setting(None, "compare the quantized pipeline's held-out video with the float one")
+    threads: int | None = setting(None, "ONNX Runtime threads per session")
+
+    def validate(self) -> list[str]:
+        from neodragon_cli.pipelines.deploy.quantize import BACKENDS, SCHEMES
+
+        problems = []
+        if self.scheme is not None and self.scheme not in SCHEMES:
+            problems.append(f"unknown scheme '{self.scheme}' (use one of {', '.join(SCHEMES)})")
+        if self.backend is not None and self.backend not in BACKENDS:
+            problems.append(f"unknown backend '{self.backend}' (use one of {', '.join(BACKENDS)})")
+        return problems
+
+
+@dataclass
 class ProfileOptions:
     """`neodragon profile` settings: per-module latency and memory of the parent (Table 7), report only."""
 
@@ -286,6 +316,41 @@ def _run_eval(ctx: StepContext) -> StepOutcome:
     return StepOutcome(None, results=summary)
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _run_quantize(ctx: StepContext) -> StepOutcome:
+    from neodragon_cli.console import console
+    from neodragon_cli.pipelines.deploy.quantize import (
+        CalibrationSource,
+        QuantizeSettings,
+        plan_quantization,
+        quantize_export,
+        read_export,
+    )
+
+    o: QuantizeOptions = ctx.config
+    manifest = read_export(ctx.parent)
+    plan = plan_quantization(list(manifest["graphs"]), **_given(
+        scheme=o.scheme, per_module=o.per_module or None, adaround=o.adaround, calibration=o.calibration,
+        backend=o.backend, adaround_iterations=o.adaround_iterations))  # fmt: skip
+    prompts = None
+    if o.prompts:
+        prompts = Path(o.prompts) if Path(o.prompts).is_absolute() or Path(o.prompts).is_file() else ctx.chain_dir / o.prompts
+    source = CalibrationSource(**_given(prompts=prompts, seed=o.seed, max_videos=o.videos))
+    settings = QuantizeSettings(**_given(threads=o.threads, heldout_samples=o.heldout_samples, qnn=o.qnn,
+                                         qnn_samples=o.qnn_samples, end_to_end=o.end_to_end))  # fmt: skip
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
+    report = quantize_export(ctx.parent, ctx.artifact, plan, source, settings, overwrite=True,
+                             progress=lambda text: console.print(text, highlight=False))  # fmt: skip
+    graphs = {name: {"scheme": e["scheme"], "adaround": bool(e.get("adaround")), "sqnr_db": e["sqnr_db"]}
+              for name, e in report["graphs"].items()}  # fmt: skip
+    e2e = report["end_to_end"]
+    return StepOutcome(ctx.artifact, results={"graphs": graphs, "end_to_end": e2e if isinstance(e2e, dict) else None})
+
+
 def _run_profile(ctx: StepContext) -> StepOutcome:
     """`profile_pipeline` on the parent into `profile.json` (validated against the report schema) and
     `profile.png`; the results are the end-to-end time and each module's median latency per call."""
@@ -317,7 +382,7 @@ def _describe_eval(opts: EvalOptions, chain_dir: Path) -> list[str]:
 
 
 # The commands a chain can run, by command name. A training command with a `parent` in its recipe is
-# one `TrainingStep(...)` line; `quantize` comes when its command does.
+# one `TrainingStep(...)` line.
 STEP_KINDS: dict[str, StepKind] = {
     kind.command: kind
     for kind in (
@@ -326,6 +391,7 @@ STEP_KINDS: dict[str, StepKind] = {
         TrainingStep("prune"),
         TrainingStep("step-distill"),
         StepKind("export", _run_export, operation="export", options=ExportOptions),
+        StepKind("quantize", _run_quantize, operation="quantize", options=QuantizeOptions),
         StepKind("profile", _run_profile, operation=None, options=ProfileOptions),
         StepKind("eval", _run_eval, operation=None, options=EvalOptions, describe=_describe_eval),
     )

@@ -44,6 +44,8 @@ def one_line_exit_2(result, message: str) -> None:
     ({"export": {"command": "export", "recipe": "shapes/prune"}}, [], "export takes no recipe"),
     ({"ev": {"command": "eval", "options": {"seeds": []}}}, [], "seeds must name at least one seed"),
     ({"p": {"command": "profile", "options": {"runs": 0}}}, [], "runs must be at least 1"),
+    ({"q": {"command": "quantize", "options": {"scheme": "w4a16"}}}, [], "unknown scheme 'w4a16'"),
+    ({"q": {"command": "quantize"}}, [], "quantize needs a parent that went through export"),
     ({"p": {"command": "profile", "options": {"runtime": "aihub"}}}, [], "expected one of"),
     ({"te": TE}, ["steps.tee.train.max_steps=1"], "the chain has no step 'tee'"),
     ({"te": TE}, ["steps.te.train.max_steps=abc"], "train.max_steps: expected int"),
@@ -75,7 +77,8 @@ def test_shipped_chains_validate_as_recipes_and_name_the_commands_not_there_yet(
 
     result = runner.invoke(app, ["recipes", "validate", "shapes/neodragon_chain", "neodragon/neodragon_chain"])
     assert result.exit_code == 0, result.output
-    missing = [c for c in ("quantize",) if c not in STEP_KINDS]
+    missing = [c for c in ("distill-te", "distill-decoder", "prune", "step-distill", "export", "quantize", "profile", "eval")
+               if c not in STEP_KINDS]  # fmt: skip
     for chain in ("shapes/neodragon_chain", "neodragon/neodragon_chain"):
         result = run(chain, "-o", str(tmp_path / "out"), "--list")
         if missing:

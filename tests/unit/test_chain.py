@@ -2,7 +2,8 @@
 pipeline the prune tests build: it runs end to end with every artifact verifying and linked to its
 parent; a second run runs nothing; an override of one step reruns that step and the later ones only;
 `--from` / `--until`; a stopped chain continues with the training step's own resume and ends with the
-same weights as an uninterrupted run. A slow test adds export and evaluates through ONNX Runtime."""
+same weights as an uninterrupted run. A profile step on its own; a slow test adds export, quantize and
+profile and evaluates the quantized graphs through ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def write_chain(root: Path, parent: Path, *, export: bool = False) -> Path:
     }
     if export:
         steps["export"] = {"command": "export"}
+        steps["quantize"] = {"command": "quantize", "options": {"backend": "ort", "videos": 1, "heldout_samples": 1,
+                                                                "qnn": False, "end_to_end": False, "calibration": 2}}
         steps["profile"] = {"command": "profile", "options": {"runs": 1, "png": False}}
         steps["eval-onnx"] = {"command": "eval", "options": {"shapes_prompts": 1}}
     path = root / "chain.yaml"
@@ -229,8 +232,12 @@ def test_a_chain_through_export_evaluates_with_onnx_runtime(tmp_path):
     exported = out / "04-export" / "artifact"
     assert verify_artifact(exported) == []
     assert [op["operation"] for op in read_state(exported)["operations"]] == ["distill-te", "prune", "export"]
-    assert json.loads((out / "05-profile" / "profile.json").read_text())["runtime"] == "onnx"
-    assert json.loads((out / "06-eval-onnx" / "eval.json").read_text())["summary"]["runtime"] == "onnx"
+    quantized = out / "05-quantize" / "artifact"
+    assert verify_artifact(quantized) == []
+    assert [op["operation"] for op in read_state(quantized)["operations"]] == ["distill-te", "prune", "export", "quantize"]
+    assert json.loads((out / "06-profile" / "profile.json").read_text())["target"]["kind"] == "quantized"
+    assert json.loads((out / "07-eval-onnx" / "eval.json").read_text())["summary"]["runtime"] == "onnx"
+    assert json.loads((out / "07-eval-onnx" / "step.json").read_text())["parent"] == str(quantized)
 
 
 def test_a_profile_step_writes_the_report_of_its_parent(chain, tmp_path):
