@@ -125,7 +125,8 @@ def guidance(
             log=console.print,
         )
     full = report["drop_one"]["full_model"]
-    console.print(f"full model: Total {_fmt(full['total'])}  {full['seconds_per_video']:.2f} s per video")
+    console.print(f"full model: Total {_fmt(full['total'])}  {full['seconds_per_video']:.2f} s per video "
+                  f"(CPU {full['cpu_seconds_per_video']:.2f} s)")
     for block in report["blocks"]:
         drop = block["drop_one"]
         if drop is None:

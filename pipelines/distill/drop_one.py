@@ -13,7 +13,7 @@ same prompts, seeds and settings as the full model's videos. Each variant is sco
 Per block, `drop_one` holds the means over the videos, `psnr` pooled (10 log10(255^2 / mean MSE) over
 all videos, as one clip; identical videos everywhere give `PSNR_IDENTICAL` instead of +inf, above any
 finite 8-bit PSNR of a set of videos under 10^10 values), `total_drop` = full model's Total minus the
-variant's, the generation seconds per video, and one row per video. A contact sheet per prompt (its
+variant's, the generation seconds (wall and CPU) per video, and one row per video. A contact sheet per prompt (its
 first video; rows: the full model, then each variant; columns: evenly spaced frames) is written as
 `drop_one/prompt-NNN.png`.
 
@@ -56,7 +56,8 @@ class VariantVideos:
     name: str
     rows: list[dict] = field(default_factory=list)
     thumbs: dict[int, tuple[list[int], np.ndarray]] = field(default_factory=dict)  # prompt -> (frame indices, frames)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the generations
+    cpu_seconds: float = 0.0  # their CPU (process) time: the steadier measure on a shared machine
 
     def summary(self) -> dict:
         def mean(key: str) -> float | None:
@@ -70,6 +71,7 @@ class VariantVideos:
             out["psnr"] = PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL, 10 * math.log10(255.0**2 / mse))
             out["ssim"] = mean("ssim")
         out["seconds_per_video"] = self.seconds / max(1, len(self.rows))
+        out["cpu_seconds_per_video"] = self.cpu_seconds / max(1, len(self.rows))
         return out
 
 
@@ -170,10 +172,11 @@ def measure_drop_one(model: str | Path, prompts: Sequence[str], *, videos_per_pr
     prompt_index = {p: i for i, p in enumerate(prompts)}
     references: list[np.ndarray] = []
 
-    def run(variant: VariantVideos, videos, reference: bool, elapsed: float | None = None) -> None:
-        start = time.perf_counter()
+    def run(variant: VariantVideos, videos, reference: bool, elapsed: tuple[float, float] | None = None) -> None:
+        start, start_cpu = time.perf_counter(), time.process_time()
         for done, video in enumerate(videos, 1):
             variant.seconds += time.perf_counter() - start
+            variant.cpu_seconds += time.process_time() - start_cpu
             row = {"prompt": video.prompt, "sample": video.sample, "seed": video.seed, **_judged(video.prompt, video.frames)}
             if reference:
                 references.append(video.frames)
@@ -184,21 +187,23 @@ def measure_drop_one(model: str | Path, prompts: Sequence[str], *, videos_per_pr
             variant.rows.append(row)
             if progress is not None:
                 progress(variant.name, done, total)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
         if elapsed is not None:  # the videos were made before (with the block-importance hooks)
-            variant.seconds = elapsed
+            variant.seconds, variant.cpu_seconds = elapsed
         if log is not None:
-            log(f"{variant.name}: {len(variant.rows)} videos, {variant.seconds / len(variant.rows):.2f} s per video")
+            count = len(variant.rows)
+            log(f"{variant.name}: {count} videos, {variant.seconds / count:.2f} s per video (CPU {variant.cpu_seconds / count:.2f} s)")
 
     # The full model: reference videos, and block importance when the report folder has no scores yet.
     full_videos = VariantVideos("full model")
     arguments = {"videos_per_prompt": videos_per_prompt, "seed": seed, "settings": settings}
     if report is None:
         collected: list[CalibrationVideo] = []
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         blocks = calibration_scores(pipeline, prompts, **arguments, on_video=collected.append,
                                     progress=None if progress is None else (lambda d, n: progress("full model", d, n)))
-        run(full_videos, iter(collected), reference=True, elapsed=time.perf_counter() - start)
+        run(full_videos, iter(collected), reference=True,
+            elapsed=(time.perf_counter() - start, time.process_time() - start_cpu))
         collected.clear()
         report = {"model": str(folder), "prompts": len(prompts), "videos_per_prompt": videos_per_prompt, "seed": seed,
                   "calibration": "the full model's videos of the drop-one run", "blocks": blocks}
