@@ -370,8 +370,12 @@ class TrainingPoint:
         return self.history + [latents]
 
 
-def draw_place(ctx: DistillContext, generator: torch.Generator) -> tuple[int, int, int]:
-    """A uniform (latent frame, stage, step of the target schedule) to train at."""
+def draw_place(ctx: DistillContext, batch: dict) -> tuple[int, int, int]:
+    """A uniform (latent frame, stage, step of the target schedule) to train at, one per optimizer update
+    (`batch["draw"]`, the update's global batch): every rank and micro-batch of the update trains at the
+    same place, so they run the same MMDiT calls (FSDP gathers shards in lockstep; Self-Forcing likewise
+    shares its exit step)."""
+    generator = torch.Generator().manual_seed(derive_seed(ctx.recipe.train.seed, int(batch["draw"]), 7))
     unit = int(torch.randint(0, ctx.num_units, (1,), generator=generator))
     stage = int(torch.randint(0, ctx.scheduler.num_stages, (1,), generator=generator))
     step = int(torch.randint(0, ctx.schedule[stage], (1,), generator=generator))
@@ -469,12 +473,13 @@ def training_prompts(recipe: StepDistillRecipe) -> list[str]:
     return read_prompts(d.prompts) if d.prompts else prompt_corpus(d.shapes_prompts, d.seed, "train")
 
 
-def prompt_batches(prompts: list[str], seed: int):
-    """Batches {"captions": [...]}: stream position p is a pure function of (seed, p)."""
+def prompt_batches(prompts: list[str], seed: int, batch_size: int):
+    """Batches {"captions": [...], "draw": the global batch's index}: stream position p is a pure function
+    of (seed, p)."""
     mixture = PromptMixture([PromptSource("prompts", prompts, 1.0)], seed)
 
     def batch(positions: range) -> dict:
-        return {"captions": [mixture.prompts[mixture.position(p)] for p in positions]}
+        return {"captions": [mixture.prompts[mixture.position(p)] for p in positions], "draw": positions.start // batch_size}
 
     return batch
 
@@ -548,12 +553,12 @@ def _teacher_videos(ctx: DistillContext, teacher, conditioner, prompts: list[str
     return torch.cat(videos)
 
 
-def latent_batches(latents: torch.Tensor, prompts: list[str], seed: int):
-    """Batches {"latents", "captions"} of the synthetic videos, sample p drawn by (seed, p)."""
+def latent_batches(latents: torch.Tensor, prompts: list[str], seed: int, batch_size: int):
+    """Batches {"latents", "captions", "draw"} of the synthetic videos, sample p drawn by (seed, p)."""
 
     def batch(positions: range) -> dict:
         index = [derive_seed(seed, p) % latents.shape[0] for p in positions]
-        return {"latents": latents[index], "captions": [prompts[i] for i in index]}
+        return {"latents": latents[index], "captions": [prompts[i] for i in index], "draw": positions.start // batch_size}
 
     return batch
 
@@ -608,9 +613,9 @@ def step_distill(recipe: StepDistillRecipe, out: Path, *, recipe_yaml: str, resu
         latents, captions = distributed.rank_zero_first(lambda: synthetic_latents(
             ctx, parent, teacher, conditioner, prompts, recipe.data.synthetic_videos, recipe.data.synthetic_batch,
             work / "synthetic"))
-        data = latent_batches(latents, captions, recipe.train.seed)
+        data = latent_batches(latents, captions, recipe.train.seed, recipe.train.batch_size)
     else:
-        data = prompt_batches(prompts, recipe.train.seed)
+        data = prompt_batches(prompts, recipe.train.seed, recipe.train.batch_size)
     if recipe.teacher.dtype == "bf16":
         teacher = copy.deepcopy(teacher).to(torch.bfloat16)
     models = {STUDENT: student, TEACHER: teacher, TEXT: conditioner}

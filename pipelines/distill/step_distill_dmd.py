@@ -78,7 +78,7 @@ def fake_loss(ctx: DistillContext):
 
     def loss_fn(models, batch: dict, generator: torch.Generator):
         text = condition(models, batch["captions"])
-        place, noise = draw_place(ctx, generator), noise_source(generator)
+        place, noise = draw_place(ctx, batch), noise_source(generator)
         point = student_rollout(ctx, models[STUDENT], text, place, noise)
         stage = point.stage
         with torch.no_grad():
@@ -99,7 +99,7 @@ def student_loss(ctx: DistillContext):
     def loss_fn(models, batch: dict, generator: torch.Generator):
         text = condition(models, batch["captions"])
         negative = _negative(ctx, models, len(text))
-        place, noise = draw_place(ctx, generator), noise_source(generator)
+        place, noise = draw_place(ctx, batch), noise_source(generator)
         point = student_rollout(ctx, models[STUDENT], text, place, noise)
         stage, scale = point.stage, ctx.teacher_scale(point.unit)
         clean = model_clean(models[STUDENT], point.clips, text, point.timestep, stage, point.ratio, sched)

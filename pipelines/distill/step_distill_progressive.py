@@ -55,7 +55,7 @@ def _setup(ctx: DistillContext, models, batch: dict, generator: torch.Generator)
     text = condition(models, batch["captions"])
     negative = repeat_rows(condition(models, [ctx.negative_prompt]), len(text)) if ctx.needs_cfg() else None
     noise = noise_source(generator)
-    point = data_point(ctx, batch["latents"], draw_place(ctx, generator), noise)
+    point = data_point(ctx, batch["latents"], draw_place(ctx, batch), noise)
     return text, negative, noise, point
 
 
