@@ -235,18 +235,22 @@ def ort_quantize(model_path: Path, calibration: list[dict], scheme: str, *, thre
 
 
 def qdq_encodings(model) -> dict:
-    """{"activation_encodings"|"param_encodings": {tensor: {"scale", "offset", "dtype"}}} from the
-    QuantizeLinear nodes of a QDQ graph (scale and zero point per tensor or per channel)."""
+    """{"activation_encodings"|"param_encodings": {tensor: {"scale", "offset", "dtype"}}} read off a QDQ
+    graph: QuantizeLinear of a weight or an activation, and DequantizeLinear of a pre-quantized weight
+    (scale and zero point per tensor or per channel)."""
     from onnx import numpy_helper
 
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     out = {"activation_encodings": {}, "param_encodings": {}}
     for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[1] not in constants:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.input[1] not in constants:
             continue
-        zero = constants.get(node.input[2]) if len(node.input) > 2 else None
+        if node.op_type == "DequantizeLinear" and node.input[0] not in constants:
+            continue  # the second half of an activation's Q/DQ pair
+        zero = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         kind = "param_encodings" if node.input[0] in constants else "activation_encodings"
-        out[kind][node.input[0]] = {
+        name = node.output[0] if node.op_type == "DequantizeLinear" else node.input[0]
+        out[kind][name] = {
             "scale": np.atleast_1d(constants[node.input[1]]).astype(float).tolist(),
             "offset": [] if zero is None else np.atleast_1d(zero).astype(int).tolist(),
             "dtype": "int8" if zero is None else str(zero.dtype),
