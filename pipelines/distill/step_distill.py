@@ -45,12 +45,12 @@ from typing import Literal
 
 import torch
 import yaml
-
-from neodragon_cli.artifacts import ArtifactWriter, applied_operations, resolve_model
-from neodragon_cli.console import console
-from neodragon_cli.errors import CheckpointError, UsageError
 from neodragon_cli.pipelines.data.shapes import prompt_corpus
-from neodragon_cli.pipelines.distill.prompts import PromptMixture, PromptSource, read_prompts
+from neodragon_cli.pipelines.distill.prompts import (
+    PromptMixture,
+    PromptSource,
+    read_prompts,
+)
 from neodragon_cli.pipelines.distill.prune import Conditioner
 from neodragon_cli.pipelines.flow.pipeline import PIPELINE_FILE, VideoPipeline
 from neodragon_cli.pipelines.flow.sampler import (
@@ -63,11 +63,29 @@ from neodragon_cli.pipelines.flow.sampler import (
     mmdit_denoiser,
     prediction_type,
 )
-from neodragon_cli.pipelines.flow.scheduler import PyramidFlowScheduler, latent_pyramid, parse_steps
+from neodragon_cli.pipelines.flow.scheduler import (
+    PyramidFlowScheduler,
+    latent_pyramid,
+    parse_steps,
+)
 from neodragon_cli.pipelines.flow.settings import GenerationSettings, SamplingConfig
 from neodragon_cli.pipelines.models.mmdit import PyramidFlowMMDiT
-from neodragon_cli.pipelines.train import TrainingOutcome, copy_metrics, distributed, training_command
-from neodragon_cli.pipelines.train.trainer import OptimizerConfig, TrainerConfig, derive_seed, latest_checkpoint
+from neodragon_cli.pipelines.train import (
+    TrainingOutcome,
+    copy_metrics,
+    distributed,
+    training_command,
+)
+from neodragon_cli.pipelines.train.trainer import (
+    OptimizerConfig,
+    TrainerConfig,
+    derive_seed,
+    latest_checkpoint,
+)
+
+from neodragon_cli.artifacts import ArtifactWriter, applied_operations, resolve_model
+from neodragon_cli.console import console
+from neodragon_cli.errors import CheckpointError, UsageError
 from neodragon_cli.recipes import setting
 
 METHODS = ("dmd", "progressive", "adversarial", "mean-flows")
@@ -490,9 +508,10 @@ def synthetic_latents(ctx: DistillContext, parent: Parent, teacher, conditioner,
     defaults (steps and CFG; monolithic), video i from prompt i mod len(prompts) and seed (data.seed, i),
     cached in `folder` in shards of `batch_size` videos whose metadata records the teacher's
     fingerprint, the settings and the prompts: a matching shard is reused, any other regenerated."""
+    from neodragon_cli.pipelines.distill.teacher_cache import teacher_fingerprint
+
     from neodragon_cli.atomic import save_safetensors
     from neodragon_cli.console import progress
-    from neodragon_cli.pipelines.distill.teacher_cache import teacher_fingerprint
 
     settings = parent.settings
     config = settings.sampling_config()
@@ -536,16 +555,16 @@ def _teacher_videos(ctx: DistillContext, teacher, conditioner, prompts: list[str
     """Latents [n, C, T, h, w] of one video per prompt, video i seeded by (data.seed, first + i)."""
     text = condition({TEXT: conditioner}, prompts)
     negative = condition({TEXT: conditioner}, [ctx.negative_prompt]) if max(config.guidance, config.video_guidance) > 0 else None
+    denoise = mmdit_denoiser(teacher)
+
+    def denoiser(clips, cond, t):
+        with torch.no_grad():
+            return denoise(clips, cond, t)
+
+    sampler = PyramidSampler(denoiser, ctx.scheduler, prediction=prediction_type(teacher))
     videos = []
     for i in range(len(prompts)):
         row = TextConditioning(text.embeds[i : i + 1], text.mask[i : i + 1], text.pooled[i : i + 1])
-        denoise = mmdit_denoiser(teacher)
-
-        def denoiser(clips, cond, t):
-            with torch.no_grad():
-                return denoise(clips, cond, t)
-
-        sampler = PyramidSampler(denoiser, ctx.scheduler, prediction=prediction_type(teacher))
         noise = SeededNoise(derive_seed(ctx.recipe.data.seed, first + i))
         frames = list(sampler.latent_frames(row, num_frames=ctx.num_units, latent_channels=ctx.latent_channels,
                                             latent_size=ctx.latent_size, config=config, noise=noise, negative=negative))
@@ -621,9 +640,13 @@ def step_distill(recipe: StepDistillRecipe, out: Path, *, recipe_yaml: str, resu
     models = {STUDENT: student, TEACHER: teacher, TEXT: conditioner}
 
     if recipe.method == "dmd":
-        from neodragon_cli.pipelines.distill.step_distill_dmd import dmd_trainer as make_trainer
+        from neodragon_cli.pipelines.distill.step_distill_dmd import (
+            dmd_trainer as make_trainer,
+        )
     else:
-        from neodragon_cli.pipelines.distill.step_distill_progressive import progressive_trainer as make_trainer
+        from neodragon_cli.pipelines.distill.step_distill_progressive import (
+            progressive_trainer as make_trainer,
+        )
     trainer = make_trainer(ctx, models, data, work / "run", resume, init=parent.teacher)
     console.print(f"step-distill ({recipe.method}): {'-'.join(map(str, ctx.schedule))} steps per stage, teacher CFG "
                   f"{ctx.guidance[0]:g}/{ctx.guidance[1]:g}, {ctx.num_units} latent frames, {len(prompts)} prompts")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from neodragon_cli.pipelines.distill.step_distill import (
     FAKE,
     STUDENT,

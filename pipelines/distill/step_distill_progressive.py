@@ -21,8 +21,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch import nn
-
 from neodragon_cli.pipelines.distill.block_importance import block_calls
 from neodragon_cli.pipelines.distill.step_distill import (
     HEAD,
@@ -39,9 +37,10 @@ from neodragon_cli.pipelines.distill.step_distill import (
     repeat_rows,
     teacher_endpoint,
 )
-from neodragon_cli.pipelines.flow.scheduler import latent_pyramid
 from neodragon_cli.pipelines.flow.sampler import mmdit_denoiser
+from neodragon_cli.pipelines.flow.scheduler import latent_pyramid
 from neodragon_cli.pipelines.train.trainer import MultiModelTrainer, Phase
+from torch import nn
 
 
 def progressive_target(ctx: DistillContext, teacher, point: TrainingPoint, text, negative) -> torch.Tensor:

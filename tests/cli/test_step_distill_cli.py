@@ -18,11 +18,11 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_prune import tiny_pipeline  # noqa: E402
+from test_prune import tiny_pipeline
 
-from neodragon_cli.app import app  # noqa: E402
-from neodragon_cli.artifacts import read_state, verify_artifact  # noqa: E402
-from neodragon_cli.atomic import write_text  # noqa: E402
+from neodragon_cli.app import app
+from neodragon_cli.artifacts import read_state, verify_artifact
+from neodragon_cli.atomic import write_text
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
-from test_prune import tiny_pipeline  # noqa: E402
-from test_step_distill_cli import TINY, weights  # noqa: E402
-from torchrun_cli import MARKS, assert_two_ranks_match_accumulation  # noqa: E402
+from test_prune import tiny_pipeline
+from test_step_distill_cli import TINY, weights
+from torchrun_cli import MARKS, assert_two_ranks_match_accumulation
 
 pytestmark = MARKS
 
