@@ -193,8 +193,8 @@ def aimet_quantize(model_path: Path, calibration: list[dict], scheme: str, *, ad
     from aimet_onnx.utils import duplicate_shared_initializers
 
     model = onnx.load(str(model_path))
-    duplicate_shared_initializers(model.graph)  # a bias read by two nodes gets a bias scale per node
     with _quiet_aimet(), tempfile.TemporaryDirectory() as scratch:
+        duplicate_shared_initializers(model.graph)  # a bias read by two nodes gets a bias scale per node
         sim = QuantizationSimModel(model, param_type=param_type, activation_type=activation_type, config_file=config,
                                    path=scratch, session_options_kwargs={"intra_op_num_threads": threads})  # fmt: skip
         if adaround_iterations:
