@@ -478,9 +478,11 @@ class VideoPipeline:
         scale = self.vae.spatial_compression
         denoise = mmdit_denoiser(self.mmdit)
 
-        def timed_denoiser(clips, cond, t):
+        def timed_denoiser(clips, cond, t, *step_end):
             with profile.section("mmdit"), torch.no_grad():
-                return denoise(clips, cond, t)
+                return denoise(clips, cond, t, *step_end)
+
+        timed_denoiser.takes_step_end = denoise.takes_step_end  # a Mean-Flows MMDiT gets its step's end
 
         sampler = PyramidSampler(timed_denoiser, prediction=prediction_type(self.mmdit))
         latents: list[torch.Tensor] = []

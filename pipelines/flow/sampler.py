@@ -18,7 +18,10 @@ the reference implementations, per kind and in order).
 Layouts: latents `[B, C, T, H, W]` in the normalised latent space; text tensors as in
 `TextConditioning`. The denoiser is any callable `(clips, text, timestep) -> velocity` where `clips`
 is the history (oldest first) followed by the noisy current clip and the velocity has the current
-clip's shape; `mmdit_denoiser` adapts an MMDiT with the reference call convention. A denoiser that
+clip's shape; `mmdit_denoiser` adapts an MMDiT with the reference call convention. A denoiser with
+`takes_step_end = True` (a Mean-Flows MMDiT: the average velocity over the step) is called with a 4th
+argument, the global timestep at the end of the Euler step (`PyramidFlowScheduler.timestep_at` of the
+next local sigma; the stage's end for its last step). A denoiser that
 predicts the stage's clean latent instead (`prediction="clean"`, an MMDiT config option) has its
 output turned into the velocity it implies (`PyramidFlowScheduler.velocity_from_clean`) before
 guidance and the Euler step.
@@ -157,17 +160,26 @@ def mmdit_denoiser(model) -> Denoiser:
     model dtype."""
     dtype = next(model.parameters()).dtype
 
-    def call(clips, text, timestep):
+    def call(clips, text, timestep, timestep_end=None):
+        end = {} if timestep_end is None else {"timestep_end": timestep_end.float()}  # a Mean-Flows MMDiT's step end
         out = model(
             sample=[[c.to(dtype) for c in clips]],
             encoder_hidden_states=text.embeds.to(dtype),
             encoder_attention_mask=text.mask,
             pooled_projections=text.pooled.to(dtype),
             timestep_ratio=timestep.float(),  # the sinusoid runs in fp32: bf16 would round t near 1000 to steps of 4
+            **end,
         )
         return out[0].float()
 
+    call.takes_step_end = takes_step_end(model)
     return call
+
+
+def takes_step_end(model) -> bool:
+    """Whether an MMDiT predicts the average velocity over a step and needs its end (Mean-Flows)."""
+    config = getattr(model, "config", None)
+    return isinstance(config, dict) and bool(config.get("interval_conditioning", False))
 
 
 PREDICTIONS = ("velocity", "clean")
@@ -309,7 +321,11 @@ class PyramidSampler:
             for k, t_value in enumerate(timesteps):
                 model_in = torch.cat([latents, latents]) if cfg else latents
                 t = torch.full((model_in.shape[0],), float(t_value), dtype=latents.dtype, device=latents.device)
-                raw = self.denoiser(model_history + [model_in], cond, t)
+                if getattr(self.denoiser, "takes_step_end", False):
+                    end = torch.full_like(t, sched.timestep_at(stage, float(sigmas[k + 1])))
+                    raw = self.denoiser(model_history + [model_in], cond, t, end)
+                else:
+                    raw = self.denoiser(model_history + [model_in], cond, t)
                 velocities = raw.float()
                 if self.prediction == "clean":
                     velocities = sched.velocity_from_clean(model_in.float(), velocities, stage, float(sigmas[k]))

@@ -134,6 +134,14 @@ class PyramidFlowScheduler:
         table = self.stages[stage].sigmas
         return np.append(np.linspace(table[0], table[-1], num_steps), 0.0)
 
+    def timestep_at(self, stage: int, sigma):
+        """The global timestep of local sigma `sigma` (a float or a tensor) in `stage`: the affine map of the
+        training grid (sigma 1 -> its first timestep, 0.001 -> its last), continued to sigma 0 (the
+        stage's end). The sampler's timesteps are this map at its sigmas."""
+        table = self.stages[stage]
+        first, last = float(table.timesteps[0]), float(table.timesteps[-1])
+        return first + (first - last) / (1.0 - float(table.sigmas[-1])) * (sigma - 1.0)
+
     @staticmethod
     def step(velocity: torch.Tensor, sigma: float, sigma_next: float, sample: torch.Tensor) -> torch.Tensor:
         """One Euler step of the local flow, in float32, cast back to the velocity's dtype."""

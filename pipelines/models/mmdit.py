@@ -218,15 +218,24 @@ def timestep_sinusoid(t: torch.Tensor, channels: int = TIMESTEP_CHANNELS) -> tor
 
 
 class TimestepTextEmbedding(nn.Module):
-    """temb [B, D] = MLP(sinusoid_256(t)) + MLP(pooled); t [B] on the 0..1000 scale."""
+    """temb [B, D] = MLP(sinusoid_256(t)) + MLP(pooled); t [B] on the 0..1000 scale.
 
-    def __init__(self, dim: int, pooled_dim: int):
+    With `interval` (a Mean-Flows student, off by default) a third MLP embeds the step's length
+    t - t_end (0..1000 scale) the same way and adds it: `interval_embedder`, zero-initialised in its
+    output layer so that it starts as the model without it."""
+
+    def __init__(self, dim: int, pooled_dim: int, interval: bool = False):
         super().__init__()
         self.timestep_embedder = MLP(TIMESTEP_CHANNELS, dim)
         self.text_embedder = MLP(pooled_dim, dim)
+        if interval:
+            self.interval_embedder = MLP(TIMESTEP_CHANNELS, dim)
 
-    def forward(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return self.timestep_embedder(timestep_sinusoid(t).to(pooled.dtype)) + self.text_embedder(pooled)
+    def forward(self, t: torch.Tensor, pooled: torch.Tensor, t_end: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.timestep_embedder(timestep_sinusoid(t).to(pooled.dtype)) + self.text_embedder(pooled)
+        if t_end is not None:
+            temb = temb + self.interval_embedder(timestep_sinusoid(t - t_end).to(pooled.dtype))
+        return temb
 
 
 class AdaLayerNormZero(nn.Module):
@@ -433,6 +442,10 @@ class PyramidFlowMMDiT(PretrainedModel):
     clean latent (our option; samplers and the flow loss turn it into the velocity it implies).
     Without `use_context_embedder` (Neodragon) the text input is already inner_dim wide (the
     ContextAdapter output); `joint_attention_dim` and `caption_projection_dim` are then unused.
+    `interval_conditioning` (our option, off by default; `step-distill` method mean-flows) adds the
+    embedding of the step's length t - t_end to the timestep embedding (`time_text_embed.interval_embedder`,
+    zero output at init): the model then predicts the average velocity over the step and every call
+    gives `timestep_end`.
     """
 
     repeated_blocks = ("transformer_blocks",)
@@ -465,6 +478,7 @@ class PyramidFlowMMDiT(PretrainedModel):
         gradient_checkpointing_ratio: float = 0.6,
         prediction: str = "velocity",
         use_context_embedder: bool = True,
+        interval_conditioning: bool = False,
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -494,7 +508,8 @@ class PyramidFlowMMDiT(PretrainedModel):
         self.pos_embed = PatchEmbed3D(
             in_channels, dim, patch_size, pos_embed_max_size, sample_size // patch_size, interp_condition_pos
         )
-        self.time_text_embed = TimestepTextEmbedding(dim, pooled_projection_dim)
+        self.interval_conditioning = interval_conditioning
+        self.time_text_embed = TimestepTextEmbedding(dim, pooled_projection_dim, interval=interval_conditioning)
         if use_context_embedder:
             self.context_embedder = nn.Linear(joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList(
@@ -529,6 +544,11 @@ class PyramidFlowMMDiT(PretrainedModel):
         for linear in zeroed + [self.norm_out.linear, self.proj_out]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+        if self.interval_conditioning:  # zero output: a Mean-Flows student starts as its teacher
+            interval = self.time_text_embed.interval_embedder
+            nn.init.normal_(interval.linear_1.weight, std=0.02)
+            nn.init.zeros_(interval.linear_2.weight)
+            nn.init.zeros_(interval.linear_2.bias)
 
     # ---------------------------------------------------------------- forward
 
@@ -539,6 +559,7 @@ class PyramidFlowMMDiT(PretrainedModel):
         encoder_attention_mask: torch.Tensor | None,
         pooled_projections: torch.Tensor,
         timestep_ratio: torch.Tensor,
+        timestep_end: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Velocity of the current clip of every column (the reference call convention).
 
@@ -553,6 +574,9 @@ class PyramidFlowMMDiT(PretrainedModel):
         pooled_projections: [b*S, pooled_projection_dim] pooled CLIP embeddings.
         timestep_ratio: [b*S] (or a scalar) timesteps on the global 0..1000 scale.
         Rows of the text/timestep tensors are interleaved: row = b_index * S + s.
+        timestep_end: [b*S] (or a scalar) global timesteps at the end of the step, only and always for
+            a Mean-Flows student (`interval_conditioning`), whose output is the average velocity over
+            the step [timestep_end, timestep_ratio] (`PyramidSampler` passes it).
 
         Returns S tensors [b, C, T_cur, H_cur, W_cur]: the prediction for each column's last clip
         (history positions are not returned). Columns never attend to each other.
@@ -561,7 +585,14 @@ class PyramidFlowMMDiT(PretrainedModel):
         rows = encoder_hidden_states.shape[0]
         self._check_inputs(columns, encoder_hidden_states, rows)
         t = torch.as_tensor(timestep_ratio, device=encoder_hidden_states.device)
-        temb = self.time_text_embed(t.expand(rows) if t.ndim == 0 else t, pooled_projections)
+        if (timestep_end is not None) != self.interval_conditioning:
+            raise UsageError("a Mean-Flows MMDiT (interval_conditioning) needs timestep_end, the step's end; other MMDiTs take none"
+                             if self.interval_conditioning else "timestep_end is only for a Mean-Flows MMDiT (interval_conditioning)")
+        end = None
+        if timestep_end is not None:
+            end = torch.as_tensor(timestep_end, device=encoder_hidden_states.device)
+            end = end.expand(rows) if end.ndim == 0 else end
+        temb = self.time_text_embed(t.expand(rows) if t.ndim == 0 else t, pooled_projections, end)
         text = self.context_embedder(encoder_hidden_states) if self.has_context_embedder else encoder_hidden_states
         if encoder_attention_mask is None:
             text_valid = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
@@ -649,8 +680,10 @@ class PyramidFlowMMDiT(PretrainedModel):
         return {**super().config_from_published(config), **PUBLISHED_CLASS_NAMES[name]}
 
     def published_config(self) -> dict:
-        """config.json: the published class name carries `use_context_embedder`."""
-        return {k: v for k, v in super().published_config().items() if k != "use_context_embedder"}
+        """config.json: the published class name carries `use_context_embedder`; `interval_conditioning`
+        is written only when on (our option: published configs stay as they were)."""
+        return {k: v for k, v in super().published_config().items()
+                if k != "use_context_embedder" and (k != "interval_conditioning" or v)}
 
     def without_blocks(self, indices: Sequence[int]) -> "PyramidFlowMMDiT":
         """A copy with the transformer blocks at `indices` removed (Neodragon's block pruning), in the
