@@ -21,6 +21,9 @@ Methods (their losses live in `step_distill_dmd.py` and `step_distill_progressiv
   spans a whole number of them and learns their no-grad endpoint.
 * `adversarial`: `progressive` plus a hinge GAN whose discriminator is a 4-layer MLP head on frozen
   teacher features of re-noised clean latents (teacher-generated = real, student = fake).
+* `mean-flows` (`step_distill_meanflows.py`): the student gets a second timestep embedding, of the
+  step length (zero-initialised), and learns the average velocity u(x, r, t) of the teacher's guided
+  flow over [r, t] of a stage with the Mean-Flows JVP target; 25 % of the samples have r != t.
 
 The student is the teacher's weights. With `student.prediction: velocity` (default) its output is
 read as the clean latent through the exact inverse of `velocity_from_clean`
@@ -89,8 +92,8 @@ from neodragon_cli.errors import CheckpointError, UsageError
 from neodragon_cli.recipes import setting
 
 METHODS = ("dmd", "progressive", "adversarial", "mean-flows")
-IMPLEMENTED = ("dmd", "progressive", "adversarial")
-DATA_METHODS = ("progressive", "adversarial")  # they learn from teacher-generated latents
+DATA_METHODS = ("progressive", "adversarial", "mean-flows")  # they learn from teacher-generated latents
+GRID_METHODS = ("progressive", "adversarial")  # their targets are solves on the teacher's quantised grid
 
 # model names in the trainer
 STUDENT, FAKE, TEACHER, TEXT, HEAD = "student", "fake", "teacher", "text", "head"
@@ -136,6 +139,13 @@ class AdversarialSection:
 
 
 @dataclass
+class MeanFlowsSection:
+    fraction: float = setting(0.25, "share of samples with r != t (r: the end of the drawn student step, t ~ U over that step); the rest r = t (flow matching on the teacher's guided velocity)")
+    adaptive_p: float = setting(1.0, "per-sample loss weight 1 / sg(err + adaptive_eps)^p (0: plain MSE)")
+    adaptive_eps: float = setting(0.01, "eps of the adaptive loss weight")
+
+
+@dataclass
 class DataSection:
     prompts: str = setting("", "prompt file (one per line, or .jsonl/.csv/.parquet); empty: Shapes training captions")
     shapes_prompts: int = setting(2000, "Shapes training-split captions used when no prompt file is given")
@@ -156,6 +166,7 @@ class StepDistillRecipe:
     rollout: RolloutSection = field(default_factory=RolloutSection, metadata={"doc": "what the student generates in training"})
     dmd: DMDSection = field(default_factory=DMDSection, metadata={"doc": "method dmd"})
     adversarial: AdversarialSection = field(default_factory=AdversarialSection, metadata={"doc": "method adversarial"})
+    mean_flows: MeanFlowsSection = field(default_factory=MeanFlowsSection, metadata={"doc": "method mean-flows"})
     data: DataSection = field(default_factory=DataSection, metadata={"doc": "prompts and teacher-generated latents"})
     train: TrainerConfig = field(default_factory=TrainerConfig, metadata={"doc": "the run and the student's optimizer (max_steps: student updates)"})
     critic: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"doc": "optimizer of the fake score model (dmd) or the discriminator head (adversarial)"})
@@ -170,7 +181,7 @@ class StepDistillRecipe:
             return problems + [f"schedule: {exc}"]
         if self.teacher.steps < 1:
             problems.append(f"teacher.steps must be at least 1, got {self.teacher.steps}")
-        elif self.method in DATA_METHODS or (self.method == "dmd" and self.dmd.w_teacher > 0):
+        elif self.method in GRID_METHODS or (self.method == "dmd" and self.dmd.w_teacher > 0):
             bad = [n for n in steps if not spans_teacher_grid(n, self.teacher.steps)]
             if bad:
                 problems.append(
@@ -188,6 +199,11 @@ class StepDistillRecipe:
             problems.append(f"rollout.frames must be 0 or 1 + 8k, got {self.rollout.frames}")
         if self.rollout.history_noise is not None and not 0 <= self.rollout.history_noise < 1:
             problems.append(f"rollout.history_noise must be in [0, 1), got {self.rollout.history_noise}")
+        m = self.mean_flows
+        if not 0 <= m.fraction <= 1 or m.adaptive_p < 0 or m.adaptive_eps <= 0:
+            problems.append("mean_flows.fraction must be in [0, 1], adaptive_p >= 0 and adaptive_eps > 0")
+        if self.method == "mean-flows" and self.student.prediction != "velocity":
+            problems.append("method mean-flows learns an average velocity: student.prediction must be velocity")
         if self.data.synthetic_videos < 1 or self.data.synthetic_batch < 1:
             problems.append("data.synthetic_videos and data.synthetic_batch must be at least 1")
         return problems
@@ -263,6 +279,9 @@ def load_parent(name: str) -> Parent:
         raise UsageError(f"cannot load the parent {folder}: {exc.message}") from None
     if not isinstance(pipeline.mmdit, PyramidFlowMMDiT):
         raise UsageError(f"{folder}: the mmdit role is not a pyramidal MMDiT")
+    if pipeline.mmdit.interval_conditioning:
+        raise UsageError(f"{folder}: its MMDiT is a Mean-Flows student (average velocities over its steps), not a teacher",
+                         hint="distil the pipeline it was distilled from")
     return Parent(folder, spec, pipeline, pipeline.settings())
 
 
@@ -442,11 +461,13 @@ def student_rollout(ctx: DistillContext, student, text: TextConditioning, place:
     return TrainingPoint(unit, stage, step, captured["clips"], captured["t"].float(), ratio)
 
 
-def data_point(ctx: DistillContext, latents: torch.Tensor, place: tuple[int, int, int], noise: NoiseSource) -> TrainingPoint:
+def data_point(ctx: DistillContext, latents: torch.Tensor, place: tuple[int, int, int], noise: NoiseSource,
+               ratio: torch.Tensor | None = None) -> TrainingPoint:
     """The training point `place` of clean videos `latents` [B, C, T, H, W] (teacher-generated): the
     frame's stage-resolution clean latent taken along the stage's path to the student's local noise
     level with fresh noise, the earlier frames as the temporal-pyramid history (with the sampling's
-    history noise, as the student will see its own frames)."""
+    history noise, as the student will see its own frames). `ratio` [B]: per-sample local noise levels
+    instead (any in [0, 1]; their timesteps by `PyramidFlowScheduler.timestep_at`)."""
     unit, stage, step = place
     sched = ctx.scheduler
     pyramid = latent_pyramid(latents[:, :, : unit + 1].float(), sched.num_stages)
@@ -454,10 +475,13 @@ def data_point(ctx: DistillContext, latents: torch.Tensor, place: tuple[int, int
     history = history_clips(pyramid, stage, unit) if unit > 0 else []
     if ctx.history_noise > 0:
         history = [corrupt_history(h, ctx.history_noise, noise) for h in history]
-    ratio = float(sched.sigmas(ctx.schedule[stage], stage)[step])
-    timestep = float(sched.timesteps(ctx.schedule[stage], stage)[step])
+    if ratio is None:
+        ratio = float(sched.sigmas(ctx.schedule[stage], stage)[step])
+        t = torch.full((latents.shape[0],), float(sched.timesteps(ctx.schedule[stage], stage)[step]), dtype=torch.float32,
+                       device=latents.device)
+    else:
+        t = sched.timestep_at(stage, ratio.double()).float().to(latents.device)
     x, _ = sched.stage_point(clean, noise.randn(tuple(clean.shape), kind="noise").to(clean.device), stage, ratio)
-    t = torch.full((latents.shape[0],), timestep, dtype=torch.float32, device=latents.device)
     return TrainingPoint(unit, stage, step, history + [x], t, ratio)
 
 
@@ -585,10 +609,13 @@ def latent_batches(latents: torch.Tensor, prompts: list[str], seed: int, batch_s
 # ---------------------------------------------------------------------------------------------- models
 
 
-def make_student(teacher: PyramidFlowMMDiT, prediction: str) -> PyramidFlowMMDiT:
-    """A trainable float32 copy of the teacher's weights, predicting `prediction`."""
-    student = PyramidFlowMMDiT(**{**teacher.config, "prediction": prediction})
-    student.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()})
+def make_student(teacher: PyramidFlowMMDiT, prediction: str, interval: bool = False) -> PyramidFlowMMDiT:
+    """A trainable float32 copy of the teacher's weights, predicting `prediction`; with `interval` (mean-flows)
+    plus the step-length embedding, freshly initialised with a zero output (it starts as the teacher)."""
+    student = PyramidFlowMMDiT(**{**teacher.config, "prediction": prediction, "interval_conditioning": interval})
+    missing, unexpected = student.load_state_dict({k: v.float() for k, v in teacher.state_dict().items()}, strict=False)
+    if unexpected or any(".interval_embedder." not in k for k in missing):
+        raise RuntimeError(f"student and teacher weights differ: missing {missing}, unexpected {unexpected}")  # a bug
     return student.train()
 
 
@@ -614,8 +641,6 @@ def nfe_per_video(first_steps, video_steps, guidance: float, video_guidance: flo
 @training_command("step-distill", StepDistillRecipe)
 def step_distill(recipe: StepDistillRecipe, out: Path, *, recipe_yaml: str, resume: bool, overwrite: bool) -> TrainingOutcome:
     """Distil in `OUT.work/` (synthetic data, then the run), then (rank 0) write the pipeline `OUT`."""
-    if recipe.method not in IMPLEMENTED:
-        raise UsageError(f"method {recipe.method} is not implemented yet", hint=f"use one of {', '.join(IMPLEMENTED)}")
     parent = load_parent(recipe.parent)
     ctx = make_context(recipe, parent)
     work = out.with_name(out.name + ".work")
@@ -625,8 +650,9 @@ def step_distill(recipe: StepDistillRecipe, out: Path, *, recipe_yaml: str, resu
 
     teacher = parent.teacher.float()
     conditioner = Conditioner(parent.pipeline.text_encoder, parent.pipeline.context_adapter).requires_grad_(False)
-    torch.manual_seed(recipe.train.seed)  # the discriminator head's initial weights follow the recipe's seed
-    student = make_student(teacher, recipe.student.prediction)
+    torch.manual_seed(recipe.train.seed)  # new weights (discriminator head, step-length embedding) follow the recipe's seed
+    interval = recipe.method == "mean-flows"
+    student = make_student(teacher, recipe.student.prediction, interval)
     prompts = training_prompts(recipe)
     if recipe.method in DATA_METHODS:
         latents, captions = distributed.rank_zero_first(lambda: synthetic_latents(
@@ -643,6 +669,10 @@ def step_distill(recipe: StepDistillRecipe, out: Path, *, recipe_yaml: str, resu
         from neodragon_cli.pipelines.distill.step_distill_dmd import (
             dmd_trainer as make_trainer,
         )
+    elif recipe.method == "mean-flows":
+        from neodragon_cli.pipelines.distill.step_distill_meanflows import (
+            mean_flows_trainer as make_trainer,
+        )
     else:
         from neodragon_cli.pipelines.distill.step_distill_progressive import (
             progressive_trainer as make_trainer,
@@ -657,7 +687,7 @@ def step_distill(recipe: StepDistillRecipe, out: Path, *, recipe_yaml: str, resu
     if not distributed.setup().is_main:
         return TrainingOutcome(result.step, work, artifact=out)
 
-    final = make_student(teacher, recipe.student.prediction)
+    final = make_student(teacher, recipe.student.prediction, interval)
     final.load_state_dict(state)
     s = parent.settings
     summary = {
