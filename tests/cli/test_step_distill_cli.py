@@ -1,5 +1,5 @@
 """`neodragon step-distill` end to end on a tiny pipeline (tiny T5, 4-block MMDiT, tiny VAE; 64x64, 9 frames,
-1-1-1 with CFG 3/2): each method runs a few steps with finite, moving losses; the artifact verifies, records
+1-1-1 with CFG 3/2): each method (mean-flows included) runs a few steps with finite, moving losses; the artifact verifies, records
 the distilled schedule without CFG, and generates in monolithic and hybrid mode; resume is bit-exact for every
 model and optimizer; bad inputs exit 2 with one line and write nothing."""
 
@@ -54,6 +54,7 @@ def metrics(folder: Path) -> list[dict]:
     ("dmd", ["fake/loss", "student/loss"]),
     ("progressive", ["loss"]),
     ("adversarial", ["head/loss", "student/loss"]),
+    ("mean_flows", ["loss", "mse", "dudt_abs"]),
 ])
 def test_each_method_trains_and_writes_a_distilled_pipeline(parent, tmp_path, method, losses):
     out = tmp_path / method
@@ -69,18 +70,23 @@ def test_each_method_trains_and_writes_a_distilled_pipeline(parent, tmp_path, me
     assert sampling["first_steps"] == sampling["video_steps"] == [2, 2, 2]
     assert sampling["guidance"] == sampling["video_guidance"] == 0
     operation = read_state(out)["operations"][-1]
-    assert operation["operation"] == "step-distill" and operation["results"]["method"] == method
+    assert operation["operation"] == "step-distill" and operation["results"]["method"] == method.replace("_", "-")
     assert operation["results"]["steps"] == 3 and operation["results"]["teacher_guidance"] == [3.0, 2.0]
     assert operation["results"]["nfe_per_video"] == {"teacher": 12, "student": 12}  # 2 frames x 3 stages: 1 x 2 vs 2 x 1
     student, teacher = weights(out), weights(parent)
-    assert student.keys() == teacher.keys() and any(not torch.equal(student[k], teacher[k]) for k in student)
+    interval = {k for k in student if ".interval_embedder." in k}  # mean-flows: the step-length embedding
+    assert bool(interval) == (method == "mean_flows")
+    assert student.keys() - interval == teacher.keys() and any(not torch.equal(student[k], teacher[k]) for k in teacher)
     if method != "dmd":
         assert len(list((out.with_name(method + ".work") / "synthetic").glob("shard-*.safetensors"))) == 2
 
 
-def test_the_output_generates_with_its_schedule_by_default_and_in_hybrid_mode(parent, tmp_path):
+@pytest.mark.parametrize("method", ["dmd", "mean_flows"])
+def test_the_output_generates_with_its_schedule_by_default_and_in_hybrid_mode(parent, tmp_path, method):
+    """(mean-flows: the saved MMDiT refuses a call without the step's end, so this also checks that the
+    pipeline's sampler gives it one)"""
     out = tmp_path / "distilled"
-    assert distill(parent, out, "dmd", "train.max_steps=1", "schedule=1-1-1").exit_code == 0
+    assert distill(parent, out, method, "train.max_steps=1", "schedule=1-1-1").exit_code == 0
     summary = tmp_path / "run.json"
     video = tmp_path / "v.mp4"
     result = runner.invoke(app, ["generate", "a red circle moving left", "--model", str(out), "-o", str(video),
@@ -98,6 +104,10 @@ def test_the_output_generates_with_its_schedule_by_default_and_in_hybrid_mode(pa
     assert run["settings"]["first_steps"] == run["settings"]["video_steps"] == [1, 1, 1]
     assert run["settings"]["guidance"] == run["settings"]["video_guidance"] == 0
     assert run["timing"]["components"]["mmdit"]["calls"] == 6  # 2 latent frames x 3 stages x 1 step, no CFG batch
+    if method == "mean_flows":  # a Mean-Flows student is no teacher: distilling it again exits 2 with one line
+        again = distill(out, tmp_path / "again", "dmd", "teacher.guidance=0", "teacher.video_guidance=0")
+        assert again.exit_code == 2 and "is a Mean-Flows student" in again.output, again.output
+        assert len(again.output.strip().splitlines()) == 1
 
 
 def _checkpoint(path: Path) -> dict:
@@ -117,7 +127,7 @@ def _assert_same(a, b, where: str = "") -> None:
             _assert_same(x, y, f"{where}[{i}]")
 
 
-@pytest.mark.parametrize("method", ["dmd", pytest.param("adversarial", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["dmd", "mean_flows", pytest.param("adversarial", marks=pytest.mark.slow)])
 def test_resume_is_bit_exact_for_every_model_and_optimizer(parent, tmp_path, method):
     run = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_every=2", "schedule=2-2-2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -129,7 +139,7 @@ def test_resume_is_bit_exact_for_every_model_and_optimizer(parent, tmp_path, met
     assert result.exit_code == 0, result.output
     a = _checkpoint(straight.with_name("straight.work") / "run" / "checkpoints" / "step-00000004.pt")
     b = _checkpoint(work / "run" / "checkpoints" / "step-00000004.pt")
-    trained = {"dmd": {"student", "fake"}, "adversarial": {"student", "head"}}[method]
+    trained = {"dmd": {"student", "fake"}, "adversarial": {"student", "head"}, "mean_flows": {"student"}}[method]
     assert set(a["models"]) == set(a["optimizers"]) == trained
     for part in ("models", "optimizers"):
         _assert_same(a[part], b[part], part)
@@ -152,6 +162,8 @@ def _no_cfg_parent(parent: Path, root: Path) -> Path:
     (["method=lcm"], "unknown method 'lcm'"),
     (["method=progressive", "schedule=3-3-3", "teacher.steps=16"], "do not divide the teacher's 16"),
     (["schedule=0-1-1"], "schedule"),
+    (["method=mean-flows", "student.prediction=clean"], "student.prediction must be velocity"),
+    (["method=mean-flows", "mean_flows.fraction=1.5"], "mean_flows.fraction must be in [0, 1]"),
 ])
 def test_bad_recipes_exit_2_with_one_line_and_nothing_written(parent, tmp_path, extra, message):
     out = tmp_path / "out"
