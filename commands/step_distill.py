@@ -1,5 +1,5 @@
 """`neodragon step-distill RECIPE -o OUT`: step distillation of the MMDiT to a few-step schedule without
-CFG (paper §3.4): methods dmd (default), progressive, adversarial; schedules 4-4-4, 1-1-1, any a-b-c.
+CFG (paper §3.4): methods dmd (default), progressive, adversarial, mean-flows; schedules 4-4-4, 1-1-1, any a-b-c.
 
 The work is in `pipelines/distill/step_distill*.py`; torch and the pipelines are imported inside the
 handler, so `neodragon --help` stays fast.
@@ -22,7 +22,7 @@ def step_distill(
     """Distil the parent pipeline's MMDiT (the teacher, sampled with its CFG) into a student that runs the
     recipe's schedule without CFG; OUT's recorded sampling defaults become that schedule, so
     `neodragon generate --model OUT` uses it. Checkpoints of every trained model and optimizer go to
-    OUT.work/run (Ctrl-C saves one; --resume continues exactly); progressive/adversarial first generate
+    OUT.work/run (Ctrl-C saves one; --resume continues exactly); progressive/adversarial/mean-flows first generate
     their teacher videos into OUT.work/synthetic (reused when unchanged). train.max_steps caps the student
     updates. Under `torchrun --nproc_per_node N` the ranks share each batch (train.fsdp=true shards the
     trained models); rank 0 writes the files."""

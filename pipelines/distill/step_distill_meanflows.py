@@ -36,7 +36,7 @@ Loss: per sample err = mean((u - u_tgt)^2), weighted by 1 / sg(err + eps)^p (`ad
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from neodragon_cli.pipelines.distill.step_distill import (

@@ -24,15 +24,15 @@ from neodragon_cli.pipelines.distill.step_distill import (
     teacher_endpoint,
     teacher_span,
 )
-from neodragon_cli.pipelines.distill.step_distill_meanflows import (
-    average_velocity,
-    draw_times,
-    mean_flow_target,
-)
 from neodragon_cli.pipelines.distill.step_distill_dmd import (
     cauchy_loss,
     dmd_gradient,
     dmd_loss,
+)
+from neodragon_cli.pipelines.distill.step_distill_meanflows import (
+    average_velocity,
+    draw_times,
+    mean_flow_target,
 )
 from neodragon_cli.pipelines.flow.losses import build_flow_batch
 from neodragon_cli.pipelines.flow.sampler import (
