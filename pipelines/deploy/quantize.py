@@ -377,6 +377,8 @@ def quantize_graphs(export: Path, manifest: dict, plan: QuantizationPlan, calibr
                          opset=max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))  # fmt: skip
         held = pick(heldout.feeds.get(graph.name, []), settings.heldout_samples)
         entry["cpu"] = compare_graphs(float_path, target, held, settings.threads) if held and graph.scheme != "fp16" else None
+        if entry["cpu"] is not None and progress:
+            progress(f"{graph.name}: {entry['cpu']['sqnr_db']:.1f} dB vs float on {len(held)} held-out inputs")
         if settings.qnn:
             from neodragon_cli.pipelines.deploy import qnn
 
