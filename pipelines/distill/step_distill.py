@@ -55,6 +55,7 @@ from neodragon_cli.pipelines.distill.prompts import (
     read_prompts,
 )
 from neodragon_cli.pipelines.distill.prune import Conditioner
+from neodragon_cli.pipelines.distill.teacher_cache import stored_shard
 from neodragon_cli.pipelines.flow.pipeline import PIPELINE_FILE, VideoPipeline
 from neodragon_cli.pipelines.flow.sampler import (
     NoiseSource,
@@ -552,26 +553,13 @@ def synthetic_latents(ctx: DistillContext, parent: Parent, teacher, conditioner,
             record = {"teacher": fingerprint, "settings": describe, "first": str(start),
                       "prompts": hashlib.sha256("\n".join(batch_prompts).encode()).hexdigest()}
             path = folder / f"shard-{index:05d}.safetensors"
-            latents = _stored_shard(path, record)
+            latents = stored_shard(path, record, "latents", "synthetic-data")
             if latents is None:
                 latents = _teacher_videos(ctx, teacher, conditioner, batch_prompts, config, start)
                 save_safetensors({"latents": latents}, path, metadata=record)
             parts.append(latents)
             bar.advance(task, len(batch_prompts))
     return torch.cat(parts), chosen
-
-
-def _stored_shard(path: Path, record: dict[str, str]) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as shard:
-            return shard.get_tensor("latents") if (shard.metadata() or {}) == record else None
-    except Exception as exc:  # safetensors raises its own error type for a damaged file
-        raise CheckpointError(f"synthetic-data shard {path} is not a valid safetensors file ({exc})",
-                              hint="delete it to generate it again") from None
 
 
 def _teacher_videos(ctx: DistillContext, teacher, conditioner, prompts: list[str], config: SamplingConfig,

@@ -60,17 +60,19 @@ def _inputs_digest(ids: torch.Tensor, mask: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _stored(path: Path, record: dict[str, str]) -> torch.Tensor | None:
-    """The shard's targets when its record matches, else None."""
+def stored_shard(path: Path, record: dict[str, str], name: str, what: str) -> torch.Tensor | None:
+    """Tensor `name` of the safetensors cache shard `path` when its metadata equals `record`, else None
+    (a missing shard or one written from other inputs). `what` names the cache in the error a damaged
+    file raises."""
     if not path.is_file():
         return None
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as shard:
-            return shard.get_tensor("targets") if (shard.metadata() or {}) == record else None
+            return shard.get_tensor(name) if (shard.metadata() or {}) == record else None
     except Exception as exc:  # safetensors raises its own error type for a damaged file
-        raise CheckpointError(f"teacher cache shard {path} is not a valid safetensors file ({exc})",
+        raise CheckpointError(f"{what} shard {path} is not a valid safetensors file ({exc})",
                               hint="delete it to compute it again") from None
 
 
@@ -91,7 +93,7 @@ def cached_teacher_targets(folder: Path, input_ids: torch.Tensor, attention_mask
     records = [{"teacher": fingerprint, "inputs": _inputs_digest(input_ids[s:s + shard_size], attention_mask[s:s + shard_size]),
                 "length": str(length)} for s in starts]
     paths = [folder / f"shard-{index:05d}.safetensors" for index in range(len(starts))]
-    stored = [_stored(path, record) for path, record in zip(paths, records)]
+    stored = [stored_shard(path, record, "targets", "teacher cache") for path, record in zip(paths, records)]
     distributed.barrier()  # every rank has looked before rank 0 writes anything
     parts = []
     with progress(disable=not show_progress or rank != 0) as bar:
