@@ -296,3 +296,33 @@ def test_one_stage_exports_to_a_static_graph():
     for inputs in (args, args[:4] + other_mask + args[5:]):
         with torch.no_grad():
             torch.testing.assert_close(exported(*inputs), Stage()(*inputs), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- trimmed text padding
+
+
+def test_cutting_padding_columns_leaves_the_denoiser_output_unchanged():
+    """`mmdit_denoiser` cuts text columns that are padding in every row (`TextConditioning.trimmed`);
+    that is exact only because the MMDiT masks padding out of every valid query, so this compares
+    against the same call with the padding kept, and checks that the padding values do matter
+    once they are marked valid."""
+    from neodragon_cli.pipelines.flow.sampler import TextConditioning, mmdit_denoiser
+
+    model = _randomised(PyramidFlowMMDiT(**TINY))
+    inputs = _inputs(model, TINY["joint_attention_dim"], text_len=9)
+    mask = inputs["encoder_attention_mask"]
+    mask[:, 6:] = 0  # columns 6.. are padding in both rows; row 0 is padded from column 4 on
+    text = TextConditioning(inputs["encoder_hidden_states"], mask, inputs["pooled_projections"])
+    trimmed = text.trimmed()
+    assert trimmed.embeds.shape[1] == 6 and trimmed.mask.shape[1] == 6 and text.trimmed().pooled is text.pooled
+    clips, t = inputs["sample"][0], inputs["timestep_ratio"]
+    with torch.no_grad():
+        kept = model(**inputs)[0]
+        cut = mmdit_denoiser(model)(clips, text, t)
+        torch.testing.assert_close(cut, kept, atol=1e-5, rtol=1e-5)
+        inputs["encoder_attention_mask"] = torch.ones_like(mask)
+        assert not torch.allclose(model(**inputs)[0], kept, atol=1e-3)
+    full = TextConditioning(text.embeds, torch.ones_like(mask), text.pooled)
+    assert full.trimmed() is full
+    empty = TextConditioning(text.embeds, torch.zeros_like(mask), text.pooled)
+    assert empty.trimmed().embeds.shape[1] == 1

@@ -336,3 +336,19 @@ def test_whitened_norm_roundtrips_through_json_per_frame_group():
 def test_unknown_scheme_suggests_known_names():
     with pytest.raises(UnknownNameError, match="did you mean 'neodragon'"):
         normalize(torch.zeros(1, 1, 1, 1, 1), "neodragn")
+
+
+def test_inference_convs_take_onednn_and_match_the_autograd_path(pf, monkeypatch):
+    """Batch-1 streamed decoding calls oneDNN's conv directly (PyTorch's dispatch would pick its slower
+    im2col conv3d for such small inputs); the frames equal the ordinary path's, which autograd uses."""
+    calls = []
+    onednn = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(1) or onednn(*a))
+    latents = _latents(3)
+    with torch.no_grad():
+        fast = torch.cat(list(pf.stream_decode(latents.split(1, dim=2))), dim=2)
+    assert calls
+    calls.clear()
+    ordinary = torch.cat(list(pf.stream_decode(latents.split(1, dim=2))), dim=2)  # grad enabled: nn.Conv3d
+    assert not calls
+    torch.testing.assert_close(fast, ordinary.detach(), atol=1e-5, rtol=1e-5)
