@@ -144,17 +144,6 @@ class TextConditioning:
         pick = lambda a, b: torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b.expand_as(a))  # noqa: E731
         return TextConditioning(pick(self.embeds, other.embeds), pick(self.mask, other.mask), pick(self.pooled, other.pooled))
 
-    def trimmed(self) -> "TextConditioning":
-        """Without the trailing token columns that are padding in every row (at least one column kept).
-        Exact for a DiT that masks padded text out of every valid query, as `PyramidFlowMMDiT`
-        does: those columns only ever attend to each other. The shipped T5s pad to 128 tokens while
-        Shapes prompts have about 20, so this is most of the text stream's cost."""
-        valid = self.mask.bool().any(0).nonzero()
-        length = int(valid[-1]) + 1 if len(valid) else 1
-        if length == self.mask.shape[1]:
-            return self
-        return TextConditioning(self.embeds[:, :length], self.mask[:, :length], self.pooled)
-
     def to(self, device, dtype=None) -> "TextConditioning":
         return TextConditioning(
             self.embeds.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype)
@@ -168,12 +157,10 @@ def mmdit_denoiser(model) -> Denoiser:
     """Adapt an MMDiT with the reference call convention
     `model(sample=[[clips...]], encoder_hidden_states, encoder_attention_mask, pooled_projections,
     timestep_ratio) -> [velocity]` (one column) to a `Denoiser`; inputs but the timestep are cast to the
-    model dtype. Text columns that are padding in every row are cut first (`TextConditioning.trimmed`:
-    the MMDiT masks them out, so the output is the same)."""
+    model dtype."""
     dtype = next(model.parameters()).dtype
 
     def call(clips, text, timestep, timestep_end=None):
-        text = text.trimmed()
         end = {} if timestep_end is None else {"timestep_end": timestep_end.float()}  # a Mean-Flows MMDiT's step end
         out = model(
             sample=[[c.to(dtype) for c in clips]],
