@@ -170,6 +170,8 @@ class OnnxVideoPipeline(VideoPipeline):
     """A `VideoPipeline` over exported graphs: the size must be the exported one and the video no
     longer than the frames the stage graphs were padded for."""
 
+    max_batch = 1  # the graphs are exported for one video (two rows under CFG)
+
     def __init__(self, *, geometry: dict, **parts):
         super().__init__(**parts)
         self.geometry = geometry

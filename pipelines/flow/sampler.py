@@ -80,6 +80,25 @@ class SeededNoise(NoiseSource):
         return torch.rand(tuple(shape), generator=self.generator)
 
 
+class RowNoise(NoiseSource):
+    """One source per batch row: row i of every draw comes from `sources[i]`, drawn as a batch of one,
+    so each video of a batch gets the numbers it would get alone. Every draw must have one row per source."""
+
+    def __init__(self, sources: Sequence[NoiseSource]):
+        self.sources = list(sources)
+
+    def _rows(self, draw: str, shape, kind: str) -> torch.Tensor:
+        if shape[0] != len(self.sources):
+            raise ValueError(f"a '{kind}' draw of {shape[0]} rows from noise for {len(self.sources)} rows")
+        return torch.cat([getattr(source, draw)((1, *shape[1:]), kind=kind) for source in self.sources])
+
+    def randn(self, shape, *, kind):
+        return self._rows("randn", shape, kind)
+
+    def rand(self, shape, *, kind):
+        return self._rows("rand", shape, kind)
+
+
 class RecordedNoise(NoiseSource):
     """Replays recorded draws: `{kind: [tensor, ...]}`, handed out in order per kind.
 

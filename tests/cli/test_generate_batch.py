@@ -114,6 +114,8 @@ def test_dtype_is_applied_with_float32_islands_and_recorded(tiny_model, tmp_path
         (["x", "--safety-checker", "NOT_A_CHECKER", "--no-safety-check"], "not both"),
         (["x", "--cinematic", "--prompt-modifier", ", y"], "not both"),
         (["--prompts-file", "REPEATED", "--vbench-names"], "is given twice"),
+        (["x", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["x", "--batch-size", "2", "--runtime", "onnx"], "one video at a time"),
     ],
 )
 def test_bad_batch_inputs_exit_2_with_one_line_and_write_nothing(tiny_model, tmp_path, args, needle):  # noqa: F811
@@ -128,3 +130,38 @@ def test_bad_batch_inputs_exit_2_with_one_line_and_write_nothing(tiny_model, tmp
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output, result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["monolithic", "hybrid"])
+def test_a_batch_makes_the_videos_it_makes_one_at_a_time(tiny_model, prompts_file, tmp_path, mode):  # noqa: F811
+    """--batch-size 2 over 3 videos (a batch of 2, then 1): the same files and seeds as --batch-size 1,
+    frames equal up to float rounding, and each video's timing says it was made in a batch. Hybrid: every
+    row starts from the given first frame, its posterior drawn from its own seed."""
+    import numpy as np
+    from PIL import Image
+
+    from neodragon_cli.pipelines.data.video_io import read_video
+
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    extra = ["--mode", mode] + (["--image", image] if mode == "hybrid" else [])
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    for out, size in ((alone, 1), (together, 2)):
+        result = _run("--prompts-file", prompts_file, "-o", out, "--model", tiny_model, "--batch-size", size, "--seed", 3,
+                      "--format", "png", *FAST, *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "3 videos: 3 written" in result.output
+    names = sorted(p.name for p in alone.glob("*.json"))
+    assert names == sorted(p.name for p in together.glob("*.json")) and len(names) == 3
+    for name in names:
+        a, b = json.loads((alone / name).read_text()), json.loads((together / name).read_text())
+        assert a["seed"] == b["seed"] and a["regenerate"].split("-o")[0] == b["regenerate"].split("-o")[0]
+        assert "--batch-size" not in b["regenerate"]
+        frames_a, _ = read_video(alone / name.removesuffix(".json"))
+        frames_b, _ = read_video(together / name.removesuffix(".json"))
+        assert frames_a.shape == frames_b.shape
+        assert abs(frames_a.astype(int) - frames_b.astype(int)).max() <= 2
+    sizes = [json.loads((together / n).read_text())["timing"]["batch_size"] for n in names]
+    assert sorted(sizes) == [1, 2, 2]
+    first, second = (json.loads((alone / n).read_text()) for n in names[:2])
+    assert first["seed"] != second["seed"]

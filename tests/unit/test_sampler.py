@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from neodragon_cli.pipelines.flow.sampler import (
+    RowNoise,
     HYBRID,
     MONOLITHIC,
     PyramidSampler,
@@ -224,3 +225,17 @@ def test_a_clean_latent_oracle_regenerates_the_video_only_under_clean_prediction
     assert (generate("velocity") - true).abs().max() > 0.5
     with pytest.raises(ValueError, match="prediction"):
         PyramidSampler(oracle, prediction="noise")
+
+
+def test_row_noise_gives_each_row_the_draws_of_its_seed_alone():
+    rows = RowNoise([SeededNoise(1), SeededNoise(2)])
+    alone = [SeededNoise(1), SeededNoise(2)]
+    for kind, shape in (("initial", (2, 3, 4)), ("block", (2, 4, 1, 4, 4)), ("timestep", (2,))):
+        if kind == "block":
+            together, separate = rows.block_noise(shape, 0.5), [s.block_noise((1, *shape[1:]), 0.5) for s in alone]
+        else:
+            together, separate = rows.randn(shape, kind=kind), [s.randn((1, *shape[1:]), kind=kind) for s in alone]
+        assert torch.equal(together, torch.cat(separate))
+    assert not torch.equal(together[0], together[1])
+    with pytest.raises(ValueError, match="3 rows from noise for 2 rows"):
+        rows.randn((3, 2), kind="initial")
