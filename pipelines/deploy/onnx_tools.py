@@ -81,23 +81,24 @@ def rewrite_mask_constants(model, fill: float) -> list[dict]:
 FOLD_LIMIT = 2**20  # elements: larger computed values stay computed (keeps the file size)
 
 
-def fold_constants(model) -> dict:
+def fold_constants(model, keep: tuple[str, ...] = ()) -> dict:
     """Fold, in place and until nothing changes, every node whose value is known before run time:
     `Shape` of a statically shaped tensor (shape inference, redone after each round as folded shapes
     make more shapes static), and any deterministic node whose inputs are all constants (the Gather /
     Mod / Concat / Cast arithmetic tracing leaves on shapes), evaluated with ONNX's reference
     implementation; every `Constant` becomes an initializer and nodes nothing reads are dropped.
-    Returns {"nodes_before", "nodes_after", "folded": {op: count}}."""
+    Nodes of the op types in `keep` stay (a QDQ graph keeps its weights' QuantizeLinear /
+    DequantizeLinear). Returns {"nodes_before", "nodes_after", "folded": {op: count}}."""
     before, folded = len(model.graph.node), Counter()
     while True:
-        count = _fold_once(model)
+        count = _fold_once(model, keep)
         if not count:
             break
         folded.update(count)
     return {"nodes_before": before, "nodes_after": len(model.graph.node), "folded": dict(sorted(folded.items()))}
 
 
-def _fold_once(model) -> Counter:
+def _fold_once(model, keep: tuple[str, ...] = ()) -> Counter:
     import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
@@ -117,7 +118,8 @@ def _fold_once(model) -> Counter:
         elif node.op_type == "Shape" and node.input[0] in shapes:
             attrs = {a.name: a.i for a in node.attribute}
             value = np.array(shapes[node.input[0]][attrs.get("start", 0) : attrs.get("end")], dtype=np.int64)
-        elif len(node.output) == 1 and node.input and all(i in known for i in node.input if i) and not node.op_type.startswith("Random"):
+        elif (len(node.output) == 1 and node.input and all(i in known for i in node.input if i)
+              and not node.op_type.startswith("Random") and node.op_type not in keep):  # fmt: skip
             with np.errstate(all="ignore"):
                 value = ReferenceEvaluator(node).run(None, {i: known[i] for i in node.input if i})[0]
         if value is None or np.size(value) > FOLD_LIMIT:
