@@ -14,9 +14,10 @@ Per graph, a scheme:
 
 Backends: `aimet` (aimet-onnx QuantizationSimModel with the HTP v79 per-channel config, min-max
 calibration, AdaRound where asked, exported as QDQ ONNX + AIMET encodings JSON) and `ort` (ONNX
-Runtime's QNN QDQ tools: qnn_preprocess_model, get_qnn_qdq_config, quantize). `aimet-torch` (QuantSim
-on the PyTorch modules) needs aimet-torch, which needs the standard torch build; where it cannot be
-imported the command stops before any work.
+Runtime's QNN QDQ tools: qnn_preprocess_model, get_qnn_qdq_config, quantize). `aimet-torch`
+(`quantize_aimet_torch.py`: QuantSim and AdaRound on the PyTorch modules rebuilt from the export's
+source model, exported as QDQ ONNX) needs aimet-torch, which needs the standard torch build; where it
+cannot be imported the command stops before any work.
 
 Calibration inputs are recorded from real generations with the float graphs (`calibration.py`);
 evaluation uses inputs recorded from other prompts (held out): per graph the SQNR of the quantized
@@ -166,9 +167,9 @@ AIMET_CONFIG = "htp_quantsim_config_v79_per_channel_linear.json"  # per-channel 
 
 
 @contextmanager
-def _quiet_aimet():
-    """AIMET logs every quantizer it adjusts at INFO; keep warnings."""
-    loggers = [logging.getLogger(name) for name in ("Quant", "Utils", "ConnectedGraph", "BatchNormFolding")]
+def _quiet_aimet(*more: str):
+    """AIMET logs every quantizer it adjusts at INFO; keep warnings (of its loggers and `more`)."""
+    loggers = [logging.getLogger(name) for name in ("Quant", "Utils", "ConnectedGraph", "BatchNormFolding", *more)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
@@ -342,8 +343,10 @@ class QuantizeSettings:
 
 
 def quantize_graphs(export: Path, manifest: dict, plan: QuantizationPlan, calibration: Recording, heldout: Recording,
-                    folder: Path, settings: QuantizeSettings, progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
-    """Quantize every planned graph of `export` into `folder` and evaluate it; {graph: quantize.json entry}."""
+                    folder: Path, settings: QuantizeSettings, progress: Callable[[str], None] | None = None,
+                    modules: dict | None = None) -> dict:  # fmt: skip
+    """Quantize every planned graph of `export` into `folder` and evaluate it; {graph: quantize.json entry}.
+    Backend aimet-torch: `modules` holds each quantized graph's PyTorch module (`rebuild_modules`)."""
     entries = {}
     for graph in plan.graphs:
         entry_in = manifest["graphs"][graph.name]
@@ -364,6 +367,11 @@ def quantize_graphs(export: Path, manifest: dict, plan: QuantizationPlan, calibr
                          + (f" + AdaRound ({plan.adaround_iterations} iterations)" if graph.adaround else ""))  # fmt: skip
             if plan.backend == "ort":
                 model, encodings = ort_quantize(float_path, used, graph.scheme, threads=settings.threads)
+            elif plan.backend == "aimet-torch":
+                from neodragon_cli.pipelines.deploy.quantize_aimet_torch import torch_quantize
+
+                model, encodings = torch_quantize(modules[graph.name], entry_in, used, graph.scheme, threads=settings.threads,
+                                                  adaround_iterations=plan.adaround_iterations if graph.adaround else 0)  # fmt: skip
             else:
                 model, encodings = aimet_quantize(float_path, used, graph.scheme, threads=settings.threads,
                                                   adaround_iterations=plan.adaround_iterations if graph.adaround else 0)  # fmt: skip
@@ -531,9 +539,14 @@ def quantize_export(export: Path, out: Path, plan: QuantizationPlan, source: Cal
 
     export = Path(export)
     manifest = read_export(export)
+    modules = None
     if plan.backend == "aimet-torch":
         check_aimet_torch()
-        raise UsageError("--backend aimet-torch is not implemented yet", hint="use --backend aimet")
+        from neodragon_cli.pipelines.deploy.quantize_aimet_torch import rebuild_modules
+
+        if progress:
+            progress("aimet-torch: rebuilding the PyTorch modules from the export's source model")
+        modules = rebuild_modules(export, manifest, [g.name for g in plan.quantized()], threads=settings.threads)
     if settings.qnn:
         from neodragon_cli.pipelines.deploy import qnn
 
@@ -545,7 +558,7 @@ def quantize_export(export: Path, out: Path, plan: QuantizationPlan, source: Cal
             target = art.path / path.relative_to(export)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
-        entries = quantize_graphs(export, manifest, plan, calibration, heldout, art.path, settings, progress)
+        entries = quantize_graphs(export, manifest, plan, calibration, heldout, art.path, settings, progress, modules)
         refused = unsupported_report(entries)
         if refused:
             raise QnnUnsupportedError(f"{len(refused)} graph(s) do not run entirely on QNN HTP: " + "; ".join(refused),
