@@ -9,7 +9,7 @@ during generation at the pipeline's default settings (steps, guidance, history n
 get their host inputs (attention bias, RoPE, padded history) for every denoising step of both CFG rows,
 the streaming decoder its carried states. Two graphs are not called by text-to-video generation and
 are fed what they see in the pipeline's other uses: `vae_encoder` (the hybrid first frame) gets the
-generated frames, one per call, in [-1, 1]; `sr` the decoded frames in [0, 1] (it is called when the
+generated frames at the video size (under SR, the decoder's frames before it), one per call, in [-1, 1]; `sr` the decoded frames in [0, 1] (it is called when the
 export has an `sr` graph, and its inputs are recorded as the pipeline hands them).
 """
 
@@ -83,7 +83,7 @@ def record_graph_inputs(folder: Path, prompts: list[str], *, seed: int = 0, grap
         recording.videos.append(pipe.generate(prompt, resolved, seed=seed + i).frames)
         recording.feeds = {name: session.feeds for name, session in sessions.items()}
         if "vae_encoder" in sessions:
-            recording.feeds["vae_encoder"] = [{"video": frames_to_encoder_input(f)} for video in recording.videos for f in video]
+            recording.feeds["vae_encoder"] = [{"video": frames_to_encoder_input(f)} for f in _encoder_size_frames(recording, sessions)]
         if graphs is not None:
             recording.feeds = {name: feeds for name, feeds in recording.feeds.items() if name in graphs}
         if progress is not None:
@@ -134,6 +134,18 @@ def load_recording(folder: Path) -> tuple[Recording, dict]:
             feeds[int(index)][input_name] = value
         recording.feeds[name] = feeds
     return recording, meta
+
+
+def _encoder_size_frames(recording: Recording, sessions: dict) -> list[np.ndarray]:
+    """uint8 [H, W, 3] frames at the video size the encoder takes: the generated ones, or, when the
+    export upscales them (sr), the decoder's frames before SR, which are the sr graph's inputs."""
+    if "sr" not in sessions:
+        return [frame for video in recording.videos for frame in video]
+    frames = []
+    for feed in sessions["sr"].feeds:
+        (batch,) = feed.values()  # [n, 3, H, W] in [0, 1]
+        frames.extend((np.clip(batch, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1))
+    return frames
 
 
 def frames_to_encoder_input(frame: np.ndarray) -> np.ndarray:

@@ -42,8 +42,8 @@ QNN_GRAPHS = ("mmdit_context", "decoder_first", "sr")  # decoder_step takes the 
 
 @pytest.fixture(scope="module")
 def sr_pipeline_export(tiny_model, tmp_path_factory):  # noqa: F811
-    """The tiny pipeline with a QuickSRNet-Small, exported at 64x64, 9 frames (no vae_encoder: the
-    recorder feeds it the generated frames, which SR doubles)."""
+    """The tiny pipeline with a QuickSRNet-Small (folder `with-sr` beside it), exported at 64x64, 9 frames,
+    without vae_encoder (the slow test quantizes everything else)."""
     import torch
 
     from neodragon_cli.pipelines.models.quicksrnet import QuickSRNetSmall
@@ -178,3 +178,20 @@ def test_a_graph_whose_module_computes_mask_fills_is_refused():
     check_mask_constants(manifest, ["sr"])
     with pytest.raises(UsageError, match="cannot quantize t5: its PyTorch module computes mask fills"):
         check_mask_constants(manifest, ["t5", "sr"])
+
+
+def test_the_recorder_feeds_the_encoder_frames_of_its_own_size_when_the_export_upscales(sr_pipeline_export, tmp_path):  # noqa: F811
+    """With an sr graph the generated frames are twice the video size; the first-frame encoder takes the
+    video size, so its calibration feeds are the decoder's frames before SR (the sr graph's inputs)."""
+    from neodragon_cli.pipelines.deploy.calibration import record_graph_inputs
+
+    model = sr_pipeline_export.parent / "with-sr"
+    export = tmp_path / "exported"
+    result = runner.invoke(app, ["export", str(model), "-o", str(export), "--height", "64", "--width", "64", "--frames", "9",
+                                 "--components", "text,mmdit,vae_encoder,decoder,sr"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    recording = record_graph_inputs(export, ["a red circle moving left"], graphs=["vae_encoder", "sr"])
+    assert recording.videos[0].shape[1:3] == (128, 128)
+    encoder = recording.feeds["vae_encoder"]
+    assert len(encoder) == 9 and all(feed["video"].shape == (1, 3, 1, 64, 64) for feed in encoder)
+    assert -1.0 <= min(f["video"].min() for f in encoder) and max(f["video"].max() for f in encoder) <= 1.0
