@@ -504,7 +504,7 @@ class VideoPipeline:
         if text is None:
             text = self.encode_prompts([prompt + settings.prompt_modifier for prompt in prompts], profile)
             if needs_cfg:
-                negative = self.encode_prompts([settings.negative_prompt] * rows, profile)
+                negative = TextConditioning.cat([self.encode_prompts([settings.negative_prompt], profile)] * rows)  # encoded once
         first = None
         if hybrid:
             images = [image] * rows if image is not None else [
