@@ -35,14 +35,16 @@ def run_neodragon(args: list[str], *, ranks: int = 2, timeout: float = 600) -> s
 
 
 def assert_two_ranks_match_accumulation(args: list[str], tmp_path: Path,
-                                        weights: Callable[[Path], dict[str, torch.Tensor]]) -> None:
-    """A training command on 2 ranks ends with the weights of one process accumulating 2 micro-batches:
-    equal up to rounding in the all-reduce (atol 1e-4, rtol 1e-3; Adam moves weights by ~1e-2 a step, so
-    another batch or another start would show), and its artifact verifies."""
+                                        weights: Callable[[Path], dict[str, torch.Tensor]],
+                                        two_ranks_only: tuple[str, ...] = ()) -> None:
+    """A training command on 2 ranks (with `two_ranks_only` added, e.g. `train.fsdp=true`) ends with the
+    weights of one process accumulating 2 micro-batches: equal up to rounding in the all-reduce (atol
+    1e-4, rtol 1e-3; Adam moves weights by ~1e-2 a step, so another batch or another start would show),
+    and its artifact verifies."""
     one, two = tmp_path / "one", tmp_path / "two"
     result = CliRunner().invoke(app, [*args, "train.grad_accum=2", "-o", str(one)])
     assert result.exit_code == 0, result.output
-    run_neodragon([*args, "-o", str(two)])
+    run_neodragon([*args, *two_ranks_only, "-o", str(two)])
     assert verify_artifact(two) == []
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys()

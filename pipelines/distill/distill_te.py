@@ -206,11 +206,10 @@ def teach_fn(teacher: Teacher, env: distributed.DistEnv, *, shard: bool = False)
     t5, embedder = teacher.bundle.t5_encoder.to(device).eval(), teacher.context_embedder.to(device).eval()
     if shard and env.distributed:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (env.world_size,))
         distributed.shard_blocks(t5, mesh)
-        fully_shard(t5, mesh=mesh)
+        distributed.fully_shard(t5, mesh)
 
     def teach(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return embedder(t5(ids.to(device), attention_mask=mask.to(device)).float())

@@ -112,19 +112,27 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def fully_shard(module: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2's `fully_shard` over `mesh`, leaving out zero-element parameters (a Linear from a 0-wide
+    pooled input): FSDP2's gradient reduce-scatter rejects empty tensors, and they hold nothing to shard
+    or reduce."""
+    from torch.distributed.fsdp import fully_shard as fsdp2_shard
+
+    empty = {p for p in module.parameters() if p.numel() == 0}
+    return fsdp2_shard(module, mesh=mesh, ignored_params=empty or None)
+
+
 def shard_blocks(model: torch.nn.Module, mesh) -> None:
     """FSDP2 units over `mesh`: one per block of every outermost ModuleList in `model` (its transformer
     blocks; lists inside a block, such as T5's layers, stay in the block's unit). The caller shards the
     root (or a wrapper around it) last."""
-    from torch.distributed.fsdp import fully_shard
-
     sharded: list[str] = []
     for name, container in model.named_modules():
         if not isinstance(container, torch.nn.ModuleList) or any(name.startswith(s + ".") for s in sharded):
             continue
         for index, block in enumerate(container):
             if not isinstance(block, (torch.nn.ModuleList, torch.nn.ModuleDict)):
-                fully_shard(block, mesh=mesh)
+                fully_shard(block, mesh)
                 sharded.append(f"{name}.{index}")
 
 

@@ -424,12 +424,11 @@ class MultiModelTrainer:
         over the models it updates, or (one process) a plain module."""
         if self.config.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(self.device.type, (self.env.world_size,))
             for model in trained.values():  # one FSDP unit per transformer block, plus the root
                 distributed.shard_blocks(model, mesh)
-            root = fully_shard(_PhaseForward(trained, self.models), mesh=mesh)
+            root = distributed.fully_shard(_PhaseForward(trained, self.models), mesh)
             return {phase.name: root for phase in self.phases}
         if self.env.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -443,7 +442,9 @@ class MultiModelTrainer:
         return {phase.name: root for phase in self.phases}
 
     def _trained_model(self, name: str, settings: OptimizerConfig) -> _TrainedModel:
-        named = [(n, p) for n, p in self.models[name].named_parameters() if p.requires_grad]
+        # A zero-element parameter (a Linear from a 0-wide input) has nothing to train; FSDP leaves it
+        # unsharded, and a clip over sharded and unsharded tensors together fails.
+        named = [(n, p) for n, p in self.models[name].named_parameters() if p.requires_grad and p.numel() > 0]
         params = [p for _, p in named]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]

@@ -1,6 +1,6 @@
 """`neodragon step-distill` under `torchrun --nproc_per_node 2` (gloo, CPU) ends with the weights of one
 process that sees the same global batches in two accumulation steps: DMD (fake score and student phases,
-prompts only) and progressive (rank 0 alone generates the teacher videos, the other rank reads them)."""
+prompts only; with DDP and with FSDP) and progressive (rank 0 alone generates the teacher videos, the other rank reads them)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ pytestmark = MARKS
 RUN = ["train.batch_size=4", "train.max_steps=2", "train.eps=1e-3", "critic.eps=1e-3", "train.seed=3", "schedule=2-2-2"]
 
 
-@pytest.mark.parametrize("method", ["dmd", "progressive"])
-def test_two_ranks_match_one_process_with_accumulation(tmp_path, method):
+@pytest.mark.parametrize("method, two_ranks_only", [("dmd", ()), ("progressive", ()), ("dmd", ("train.fsdp=true",))],
+                         ids=["dmd", "progressive", "dmd-fsdp"])
+def test_two_ranks_match_one_process_with_accumulation(tmp_path, method, two_ranks_only):
+    """FSDP shards the student and the fake score model one unit per block; the tiny MMDiT's 0-wide
+    pooled input gives it zero-element parameters, which FSDP must leave out."""
     parent = tiny_pipeline(tmp_path)
     args = ["step-distill", f"shapes/step_distill_{method}", f"parent={parent}", *TINY, *RUN]
-    assert_two_ranks_match_accumulation(args, tmp_path, weights)
+    assert_two_ranks_match_accumulation(args, tmp_path, weights, two_ranks_only)
