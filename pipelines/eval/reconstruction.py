@@ -12,9 +12,10 @@ from neodragon_cli.pipelines.data.latent_cache import channels_last, encode_vide
 from neodragon_cli.pipelines.data.shapes import COLOURS, ObjectSpec, PromptSpec, ShapesVideoDataset, video_tensor
 from neodragon_cli.pipelines.data.world_section import WorldSection
 from neodragon_cli.pipelines.eval.judge import attribute_kind, judge
-from neodragon_cli.pipelines.eval.metrics import psnr
+from neodragon_cli.pipelines.eval.metrics import psnr, ssim
 from neodragon_cli.pipelines.flow.scheduler import latent_pyramid
 from neodragon_cli.pipelines.models.causal_vae import CausalVideoVAE
+from neodragon_cli.pipelines.train.trainer import resolve_precision
 
 
 def full_spec(scene) -> PromptSpec:
@@ -24,35 +25,40 @@ def full_spec(scene) -> PromptSpec:
 
 
 @torch.no_grad()
-def judge_reconstructions(vae: CausalVideoVAE, world: WorldSection, count: int, split: str = "heldout") -> dict:
+def judge_reconstructions(vae: CausalVideoVAE, world: WorldSection, count: int, split: str = "heldout",
+                          precision: str = "auto") -> dict:
     """Judge scores of whole-clip VAE reconstructions of `count` scenes, every attribute stated:
-    the ceiling a text-to-video model on these latents can reach. Also the mean PSNR (dB), and under
-    "first_frame" the same for each first frame encoded and decoded alone, as a generated latent 0 is
-    (motion is not judged on one frame)."""
+    the ceiling a text-to-video model on these latents can reach. Also the mean PSNR (dB) and SSIM, and
+    under "first_frame" the same for each first frame encoded and decoded alone, as a generated latent 0
+    is (motion is not judged on one frame). `precision` as the trainer's: `auto` runs the VAE under bf16
+    autocast only where the CPU computes bf16 natively (elsewhere it is emulated, many times slower)."""
+    bf16 = resolve_precision(precision, torch.device("cpu")) == "bf16"
 
     def reconstruct(frames: np.ndarray) -> np.ndarray:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             recon = vae.decode(vae.encode(channels_last(video_tensor(frames)[None])).mode()).float()
         return recon[0].clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
 
-    def summary(results: list, psnrs: list[float]) -> dict:
+    def summary(results: list, psnrs: list[float], ssims: list[float]) -> dict:
         per_kind: dict[str, list[bool]] = {}
         for result in results:
             for name, ok in result.attributes.items():
                 per_kind.setdefault(attribute_kind(name), []).append(ok)
         report = {"semantic": float(np.mean([r.semantic for r in results])),
-                  "quality": float(np.mean([r.quality for r in results])), "psnr": float(np.mean(psnrs))}
+                  "quality": float(np.mean([r.quality for r in results])),
+                  "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
         report.update({kind: float(np.mean(v)) for kind, v in sorted(per_kind.items())})
         return report
 
     dataset = ShapesVideoDataset(world.world(), length=count, seed=world.seed + 9_999, split=split)
-    clips, images = ([], []), ([], [])
+    clips, images = ([], [], []), ([], [], [])
     for i in range(count):
         scene, _, frames = dataset.item(i)
         spec = full_spec(scene)
-        for (results, psnrs), original in ((clips, frames), (images, frames[:1])):
+        for (results, psnrs, ssims), original in ((clips, frames), (images, frames[:1])):
             recon = reconstruct(original)
             psnrs.append(psnr(recon, original))
+            ssims.append(ssim(recon, original))
             if original is frames:
                 results.append(judge(recon, spec))
             else:  # a still image has no motion to judge
