@@ -151,8 +151,9 @@ class DataSection:
     prompts: str = setting("", "prompt file (one per line, or .jsonl/.csv/.parquet); empty: Shapes training captions")
     shapes_prompts: int = setting(2000, "Shapes training-split captions used when no prompt file is given")
     seed: int = setting(0, "seed of the caption list")
-    synthetic_videos: int = setting(256, "teacher-generated videos for progressive/adversarial (cached in OUT.work/synthetic)")
+    synthetic_videos: int = setting(256, "teacher-generated videos for progressive/adversarial/mean-flows (cached in data.synthetic_dir)")
     synthetic_batch: int = setting(4, "videos generated per teacher batch")
+    synthetic_dir: str = setting("", "folder of the teacher-video cache (empty: OUT.work/synthetic); runs of several methods can share one, each shard is checked against the teacher and settings")
 
 
 @dataclass
@@ -645,7 +646,7 @@ def step_distill(recipe: StepDistillRecipe, out: Path, *, recipe_yaml: str, resu
     if recipe.method in DATA_METHODS:
         latents, captions = distributed.rank_zero_first(lambda: synthetic_latents(
             ctx, parent, teacher, conditioner, prompts, recipe.data.synthetic_videos, recipe.data.synthetic_batch,
-            work / "synthetic"))
+            Path(recipe.data.synthetic_dir) if recipe.data.synthetic_dir else work / "synthetic"))
         data = latent_batches(latents, captions, recipe.train.seed, recipe.train.batch_size)
     else:
         data = prompt_batches(prompts, recipe.train.seed, recipe.train.batch_size)

@@ -81,6 +81,15 @@ def test_each_method_trains_and_writes_a_distilled_pipeline(parent, tmp_path, me
         assert len(list((out.with_name(method + ".work") / "synthetic").glob("shard-*.safetensors"))) == 2
 
 
+def test_runs_of_two_methods_share_one_synthetic_cache(parent, tmp_path):
+    cache = tmp_path / "teacher-videos"
+    assert distill(parent, tmp_path / "p", "progressive", "train.max_steps=1", f"data.synthetic_dir={cache}").exit_code == 0
+    shards = {path: path.stat().st_mtime_ns for path in cache.glob("shard-*.safetensors")}
+    assert len(shards) == 2 and not (tmp_path / "p.work" / "synthetic").exists()
+    assert distill(parent, tmp_path / "m", "mean_flows", "train.max_steps=1", f"data.synthetic_dir={cache}").exit_code == 0
+    assert {path: path.stat().st_mtime_ns for path in cache.glob("shard-*.safetensors")} == shards  # reused, not rewritten
+
+
 @pytest.mark.parametrize("method", ["dmd", "mean_flows"])
 def test_the_output_generates_with_its_schedule_by_default_and_in_hybrid_mode(parent, tmp_path, method):
     """(mean-flows: the saved MMDiT refuses a call without the step's end, so this also checks that the
