@@ -19,7 +19,8 @@ import typer
 from neodragon_cli.errors import UsageError
 from neodragon_cli.paths import check_output_file
 
-METRICS = ("judge", "psnr", "ssim", "lpips")
+from neodragon_cli.pipelines.eval.scoring import METRICS
+from neodragon_cli.pipelines.eval.scoring import finite as _finite
 
 
 def _suffixes() -> tuple[str, ...]:
@@ -125,41 +126,6 @@ def _parse_thresholds(items: list[str], metrics: set[str]) -> dict[str, float]:
     return thresholds
 
 
-def _mean(values: list[float]) -> float | None:
-    """Mean of the known values (+inf stays: the mean PSNR of identical videos is +inf)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else None
-
-
-def _summary(rows: list[dict], metrics: set[str]) -> dict[str, float | None]:
-    from neodragon_cli.pipelines.eval import judge as shapes_judge
-
-    summary: dict[str, float | None] = {}
-    if "judge" in metrics:
-        for key in ("total", "quality", "semantic"):
-            summary[key] = _mean([r[key] for r in rows])
-        for key in shapes_judge.QUALITY_PROXIES:
-            summary[key] = _mean([r["proxies"][key] for r in rows])
-        for kind in shapes_judge.ATTRIBUTES:
-            judged = [float(ok) for r in rows for name, ok in r["attributes"].items() if shapes_judge.attribute_kind(name) == kind]
-            summary[kind] = _mean(judged)
-    for key in ("psnr", "ssim", "lpips"):
-        if key in metrics:
-            summary[key] = _mean([r[key] for r in rows])
-    return summary
-
-
-def _finite(obj):
-    """JSON cannot hold inf/nan: they become null (PSNR of identical videos is +inf)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -182,8 +148,8 @@ def eval_command(
     from neodragon_cli.atomic import write_json
     from neodragon_cli.console import console, progress
     from neodragon_cli.pipelines.data.video_io import read_video
-    from neodragon_cli.pipelines.eval import judge as shapes_judge
     from neodragon_cli.pipelines.eval import metrics as video_metrics
+    from neodragon_cli.pipelines.eval.scoring import score_frames, summarize
 
     if metrics is None:
         chosen = {"judge"} | ({"psnr", "ssim"} if reference else set())
@@ -222,23 +188,16 @@ def eval_command(
         for path, prompt in zip(files, prompt_list):
             frames, fps = read_video(path)
             row: dict = {"video": str(path), "frames": int(frames.shape[0]), "fps": fps}
-            if "judge" in chosen:
-                result = shapes_judge.judge(frames, prompt)
-                row.update(prompt=prompt, **result.to_dict())
+            ref_frames = None
             if reference is not None and chosen & {"psnr", "ssim", "lpips"}:
                 ref_path = _reference_for(path, reference)
                 ref_frames, _ = read_video(ref_path)
                 row["reference"] = str(ref_path)
-                if "psnr" in chosen:
-                    row["psnr"] = video_metrics.psnr(frames, ref_frames)
-                if "ssim" in chosen:
-                    row["ssim"] = video_metrics.ssim(frames, ref_frames)
-                if "lpips" in chosen:
-                    row["lpips"] = video_metrics.lpips(frames, ref_frames, None, model=lpips_model)
+            row.update(score_frames(frames, prompt, chosen, ref_frames, lpips_model))
             rows.append(row)
             bar.advance(task)
 
-    summary = _summary(rows, chosen)
+    summary = summarize(rows, chosen)
     failed = {k: summary.get(k) for k, v in thresholds.items() if summary.get(k) is None or summary[k] < v}
     report = {
         "metrics": sorted(chosen),

@@ -22,7 +22,6 @@ output path is checked before a model is loaded.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from neodragon_cli.artifacts import folder_hash, resolve_model, sha256_file
 from neodragon_cli.atomic import write_json
 from neodragon_cli.errors import NeodragonError, UsageError
 from neodragon_cli.paths import check_new_output, check_output_file
+from neodragon_cli.pipelines.flow.batch import batch_video_names as _video_names
+from neodragon_cli.pipelines.flow.batch import slug as _slug
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -64,10 +65,6 @@ class Job:
     sample: int
     seed: int
     path: Path
-
-
-def _slug(prompt: str, limit: int = 60) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit] or "video"
 
 
 def _read_prompts(prompt: str | None, prompts_file: Path | None, max_prompts: int | None) -> list[str]:
@@ -119,20 +116,6 @@ def _check_counts(num_samples: int, max_prompts: int | None, safety_frames: int,
                           ("--batch-size", batch_size)):  # fmt: skip
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
-
-
-def _video_names(prompts: list[str], num_samples: int, vbench: bool, suffix: str) -> list[str]:
-    """File names by (prompt, sample), prompt-major: `<prompt>-<i>` (VBench) or `NNN-<slug>[-<i>]`."""
-    if vbench:
-        bad = next((p for p in prompts if "/" in p or p.startswith(".")), None)
-        if bad is not None:
-            raise UsageError(f"--vbench-names: the prompt '{bad}' cannot be a file name", hint="drop --vbench-names")
-        repeated = next((p for i, p in enumerate(prompts) if p in prompts[:i]), None)
-        if repeated is not None:
-            raise UsageError(f"--vbench-names: the prompt '{repeated}' is given twice and would write one file", hint="remove the repeat")
-        return [f"{p}-{i}{suffix}" for p in prompts for i in range(num_samples)]
-    tail = [f"-{i}" for i in range(num_samples)] if num_samples > 1 else [""]
-    return [f"{n:03d}-{_slug(p)}{t}{suffix}" for n, p in enumerate(prompts) for t in tail]
 
 
 def _jobs(out: Path, prompts: list[str], fmt: str | None, single: bool, num_samples: int, seed: int, vbench: bool) -> tuple[list[Job], str]:
