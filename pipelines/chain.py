@@ -64,6 +64,9 @@ ARTIFACT_DIR = "artifact"
 RUN_FORMAT = "neodragon-chain-run/1"
 STEP_FORMAT = "neodragon-chain-step/1"
 PARENT_PLACEHOLDER = "<the previous step's artifact>"
+EVAL_FILE = "eval.json"
+EVAL_VIDEOS = "videos"
+EVAL_FORMAT = "neodragon-chain-eval/2"
 
 
 # ----------------------------------------------------------------------------- recipe schema
@@ -121,13 +124,16 @@ class ExportOptions:
 
 @dataclass
 class EvalOptions:
-    """Generate videos from the parent and score them with the Shapes judge (as `generate` + `eval`)."""
+    """Make the videos `neodragon generate --prompts-file P --num-samples N --seed S` makes from the parent
+    (the same names and per-video seeds) and score them as `neodragon eval` does (`--reference` too)."""
 
     prompts: str = setting("", "prompts file, one per line (relative to the chain file); empty: Shapes captions")
     shapes_prompts: int = setting(8, "number of Shapes captions when `prompts` is empty")
     split: Literal["train", "heldout"] = setting("heldout", "caption split of the Shapes prompts (heldout: attribute combinations never trained on)")
     prompt_seed: int = setting(1, "seed of the Shapes prompt list (as `neodragon shapes prompts --seed`)")
-    seeds: list[int] = setting([0], "one video per prompt and seed")
+    seed: int = setting(0, "as `generate --seed`: video k of a prompt is made from sample_seed(seed, prompt, k)")
+    num_samples: int = setting(1, "videos per prompt, as `generate --num-samples`")
+    reference: str = setting("", "PSNR / SSIM against the video of the same prompt and seed in: an earlier eval step of the chain (its name), or a folder of `generate` videos (relative to the chain file); empty: none")
     runtime: Literal["auto", "torch", "onnx"] = setting("auto", "auto: ONNX Runtime for an exported parent, else PyTorch")
     sampling: GenerationSettings = field(default_factory=GenerationSettings, metadata={"doc": "generation settings over the model's defaults"})
 
@@ -135,8 +141,8 @@ class EvalOptions:
         problems = []
         if not self.prompts and self.shapes_prompts < 1:
             problems.append("give a prompts file or shapes_prompts >= 1")
-        if not self.seeds:
-            problems.append("seeds must name at least one seed")
+        if self.num_samples < 1:
+            problems.append(f"num_samples must be at least 1, got {self.num_samples}")
         return problems
 
 
@@ -188,13 +194,15 @@ class ProfileOptions:
 @dataclass
 class StepContext:
     """What a step's run function gets: its parent, its validated configuration (a recipe object or
-    options), its step folder, and whether to continue an interrupted run."""
+    options), its step folder, whether to continue an interrupted run, the chain file's folder and
+    the folder of every step of the chain by name (in OUT)."""
 
     parent: Path
     config: Any
     folder: Path
     resume: bool
     chain_dir: Path
+    steps: dict[str, Path] = field(default_factory=dict)
 
     @property
     def artifact(self) -> Path:
@@ -267,20 +275,89 @@ def _eval_prompts(opts: EvalOptions, chain_dir: Path) -> list[str]:
     return prompt_corpus(opts.shapes_prompts, opts.prompt_seed, opts.split)
 
 
-def _run_eval(ctx: StepContext) -> StepOutcome:
-    """Generate one video per (prompt, seed) into `videos/` (with `generate`'s metadata JSON beside each,
-    so `neodragon eval videos/` scores them again) and write the judge's scores to `eval.json`."""
-    import numpy as np
+@dataclass(frozen=True)
+class EvalVideo:
+    """One video of an eval step: sample `sample` of `prompt`, made from `seed`, written as `name`
+    (the name and seed `neodragon generate --prompts-file --num-samples --seed` give it)."""
 
+    prompt: str
+    sample: int
+    seed: int
+    name: str
+
+
+def eval_videos(opts: EvalOptions, chain_dir: Path) -> list[EvalVideo]:
+    """The step's videos, prompt-major, as `generate`'s batch makes them."""
+    from neodragon_cli.pipelines.flow.batch import batch_video_names
+    from neodragon_cli.pipelines.flow.pipeline import sample_seed
+
+    prompts = _eval_prompts(opts, chain_dir)
+    names = iter(batch_video_names(prompts, opts.num_samples, False, ".mp4"))
+    return [EvalVideo(prompt, k, sample_seed(opts.seed, prompt, k), next(names)) for prompt in prompts for k in range(opts.num_samples)]
+
+
+def reference_videos(folder: Path) -> dict[tuple[str, int], Path]:
+    """(prompt, seed) -> video in a folder of `generate` (or eval-step) videos, read from the JSON beside
+    each video; videos the safety checker refused (no file) are left out."""
+    from neodragon_cli.pipelines.data.video_io import is_video_path
+
+    found: dict[tuple[str, int], Path] = {}
+    for meta_path in sorted(folder.glob("*.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str) or not isinstance(meta.get("seed"), int):
+            continue
+        candidates = [folder / Path(str(meta["video"])).name] if meta.get("video") else []
+        candidates += [meta_path.with_suffix(suffix) for suffix in (".mp4", ".gif", ".webm", ".mkv", ".mov", "")]
+        video = next((c for c in candidates if c != meta_path and is_video_path(c)), None)
+        if video is not None:
+            found.setdefault((meta["prompt"], meta["seed"]), video)
+    return found
+
+
+def _reference_dir(opts: EvalOptions, ctx_steps: dict[str, Path], chain_dir: Path) -> Path | None:
+    if not opts.reference:
+        return None
+    if opts.reference in ctx_steps:
+        return ctx_steps[opts.reference] / EVAL_VIDEOS
+    path = Path(opts.reference)
+    return path if path.is_absolute() or path.is_dir() else chain_dir / path
+
+
+def _missing_references(videos: list[EvalVideo], found: dict[tuple[str, int], Path], where: Path) -> str | None:
+    missing = [v for v in videos if (v.prompt, v.seed) not in found]
+    if not missing:
+        return None
+    first = missing[0]
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    return f"no reference video for '{first.prompt}' seed {first.seed}{more} in {where}"
+
+
+def _run_eval(ctx: StepContext) -> StepOutcome:
+    """Make the step's videos (`eval_videos`) into `videos/`, each with a JSON beside it (prompt, sample,
+    seed, seconds, MMDiT calls), so `neodragon eval videos/` scores them again and another eval step or
+    `neodragon eval --reference` can compare with them; score each written video as `neodragon eval`
+    does (`pipelines.eval.scoring`) and write `eval.json`."""
     from neodragon_cli.artifacts import applied_operations
     from neodragon_cli.atomic import write_json
     from neodragon_cli.console import progress
-    from neodragon_cli.pipelines.data.video_io import write_video
-    from neodragon_cli.pipelines.eval import judge as shapes_judge
-    from neodragon_cli.pipelines.flow.pipeline import VideoPipeline, sample_seed
+    from neodragon_cli.pipelines.data.video_io import read_video, write_video
+    from neodragon_cli.pipelines.distill.step_distill import nfe_per_video
+    from neodragon_cli.pipelines.eval.scoring import finite, score_frames, summarize
+    from neodragon_cli.pipelines.flow.pipeline import Profiler, VideoPipeline
 
     opts: EvalOptions = ctx.config
-    prompts = _eval_prompts(opts, ctx.chain_dir)
+    jobs = eval_videos(opts, ctx.chain_dir)
+    reference_dir = _reference_dir(opts, ctx.steps, ctx.chain_dir)
+    references: dict[tuple[str, int], Path] = {}
+    if reference_dir is not None:
+        references = reference_videos(reference_dir) if reference_dir.is_dir() else {}
+        problem = _missing_references(jobs, references, reference_dir)
+        if problem:
+            raise UsageError(problem, hint="the reference must hold the videos of the same prompts, seed and samples")
+    metrics = {"judge"} | ({"psnr", "ssim"} if reference_dir is not None else set())
     runtime = opts.runtime
     if runtime == "auto":
         runtime = "onnx" if "export" in applied_operations(ctx.parent) else "torch"
@@ -292,28 +369,48 @@ def _run_eval(ctx: StepContext) -> StepOutcome:
         pipe = VideoPipeline.from_pretrained(ctx.parent, mode=opts.sampling.mode, safety_checker=False)
     settings = pipe.settings(opts.sampling)
     pipe.check(settings)
-    videos = ctx.folder / "videos"
+    units = pipe.vae.latent_frames(settings.frames)
+    nfe = nfe_per_video(settings.first_steps, settings.video_steps, settings.guidance, settings.video_guidance, units,
+                        hybrid=settings.mode == "hybrid")  # fmt: skip
+    videos = ctx.folder / EVAL_VIDEOS
     shutil.rmtree(videos, ignore_errors=True)
     videos.mkdir(parents=True)
     rows = []
-    start = time.perf_counter()
     with progress() as bar:
-        task = bar.add_task("eval", total=len(prompts) * len(opts.seeds))
-        for i, prompt in enumerate(prompts):
-            for seed in opts.seeds:
-                video_seed = sample_seed(seed, prompt, 0)
-                result = pipe.generate(prompt, settings, seed=video_seed)
-                path = write_video(videos / f"{i:04d}-{seed}.mp4", result.frames, fps=settings.fps)
-                write_json(path.with_suffix(".json"), {"prompt": prompt, "seed": video_seed})
-                scores = shapes_judge.judge(result.frames, prompt).to_dict()
-                rows.append({"video": path.name, "prompt": prompt, "seed": video_seed,
-                             **{k: scores[k] for k in ("total", "semantic", "quality")}})  # fmt: skip
-                bar.advance(task)
-    wall = time.perf_counter() - start
-    summary = {k: float(np.mean([r[k] for r in rows])) for k in ("total", "semantic", "quality")}
-    summary.update(videos=len(rows), runtime=runtime, seconds_per_video=wall / len(rows))
-    write_json(ctx.folder / "eval.json", {"summary": summary, "settings": dataclasses.asdict(settings), "videos": rows})
-    return StepOutcome(None, results=summary)
+        task = bar.add_task("eval", total=len(jobs))
+        for job in jobs:
+            profile = Profiler(pipe.device)
+            start = time.perf_counter()
+            result = pipe.generate(job.prompt, settings, seed=job.seed, profile=profile)
+            seconds = time.perf_counter() - start
+            calls = profile.components["mmdit"].calls if "mmdit" in profile.components else 0
+            path = write_video(videos / job.name, result.frames, fps=settings.fps)
+            record = {"video": job.name, "prompt": job.prompt, "sample": job.sample, "seed": job.seed, "seconds": seconds,
+                      "mmdit_calls": calls, "nfe": nfe}  # fmt: skip
+            write_json(path.with_suffix(".json"), {**record, "runtime": runtime, "settings": settings.as_dict()})
+            frames, _ = read_video(path)  # scored as written, as `neodragon eval videos/` reads it
+            reference = references.get((job.prompt, job.seed))
+            ref_frames = read_video(reference)[0] if reference is not None else None
+            if reference is not None:
+                record["reference"] = str(reference.relative_to(reference_dir))
+            rows.append({**record, **score_frames(frames, job.prompt, metrics, ref_frames)})
+            bar.advance(task)
+    summary = summarize(rows, metrics)
+    summary.update(videos=len(rows), runtime=runtime, seconds_per_video=sum(r["seconds"] for r in rows) / len(rows),
+                   mmdit_calls_per_video=sum(r["mmdit_calls"] for r in rows) / len(rows), nfe_per_video=nfe)  # fmt: skip
+    report = {
+        "format": EVAL_FORMAT,
+        "summary": summary,
+        "metrics": sorted(metrics),
+        "prompts": opts.prompts or {"shapes_prompts": opts.shapes_prompts, "split": opts.split, "prompt_seed": opts.prompt_seed},
+        "seed": opts.seed,
+        "num_samples": opts.num_samples,
+        "reference": opts.reference or None,
+        "settings": dataclasses.asdict(settings),
+        "videos": rows,
+    }
+    write_json(ctx.folder / EVAL_FILE, finite(report))
+    return StepOutcome(None, results=finite(summary))
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -381,6 +478,48 @@ def _describe_eval(opts: EvalOptions, chain_dir: Path) -> list[str]:
     return _eval_prompts(opts, chain_dir)
 
 
+def _link_eval_references(planned: list[PlannedStep], source: Path, problems: list[str]) -> None:
+    """An eval step's `reference` names an earlier eval step (whose videos must include this step's:
+    the same seed, prompts and samples), or a folder holding the videos of the same prompts and seeds.
+    What the reference is made of enters the step's cache key: the named step's configuration, or the
+    hash of each folder video used."""
+    from neodragon_cli.artifacts import folder_hash, sha256_file
+
+    by_name = {s.name: s for s in planned}
+    for step in planned:
+        if step.kind.command != "eval" or not step.config.reference:
+            continue
+        where = f"{source.name}: steps.{step.name}.options.reference"
+        name = step.config.reference
+        wanted = eval_videos(step.config, source.parent)
+        if name in by_name:
+            other = by_name[name]
+            if other.kind.command != "eval" or other.index >= step.index:
+                problems.append(f"{where}: step '{name}' is not an eval step before {step.name}")
+                continue
+            theirs = {(v.prompt, v.seed) for v in eval_videos(other.config, source.parent)}
+            if any((v.prompt, v.seed) not in theirs for v in wanted):
+                problems.append(f"{where}: eval step '{name}' does not make every video of {step.name} "
+                                "(give both the same prompts and seed, and it at least as many num_samples)")  # fmt: skip
+                continue
+            content: Any = {"step": name, "config": other.config_text}
+        else:
+            folder = _reference_dir(step.config, {}, source.parent)
+            if not folder.is_dir():
+                problems.append(f"{where}: '{name}' is neither an eval step of the chain nor a folder")
+                continue
+            found = reference_videos(folder)
+            missing = _missing_references(wanted, found, folder)
+            if missing:
+                problems.append(f"{where}: {missing}")
+                continue
+            content = [[v.prompt, v.seed, sha256_file(p) if p.is_file() else folder_hash(p)]
+                       for v in wanted for p in [found[(v.prompt, v.seed)]]]  # fmt: skip
+        described = json.loads(step.config_text)
+        described["reference"] = content
+        step.config_text = json.dumps(described, sort_keys=True)
+
+
 # The commands a chain can run, by command name. A training command with a `parent` in its recipe is
 # one `TrainingStep(...)` line.
 STEP_KINDS: dict[str, StepKind] = {
@@ -393,7 +532,7 @@ STEP_KINDS: dict[str, StepKind] = {
         StepKind("export", _run_export, operation="export", options=ExportOptions),
         StepKind("quantize", _run_quantize, operation="quantize", options=QuantizeOptions),
         StepKind("profile", _run_profile, operation=None, options=ProfileOptions),
-        StepKind("eval", _run_eval, operation=None, options=EvalOptions, describe=_describe_eval),
+        StepKind("eval", _run_eval, operation=None, options=EvalOptions, version=2, describe=_describe_eval),
     )
 }
 
@@ -525,6 +664,8 @@ def load_plan(chain: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         _plan_step(i, name, spec, per_step.get(name, []), source, problems, unavailable)
         for i, (name, spec) in enumerate(recipe.steps.items())
     ]
+    if all(step is not None for step in planned):
+        _link_eval_references(planned, source, problems)
     if unavailable:
         problems.insert(0, f"{source.name}: this version of neodragon cannot run step{'s' * (len(unavailable) > 1)} "
                            f"{', '.join(unavailable)}: chain steps can be {', '.join(STEP_KINDS)}")  # fmt: skip
@@ -685,17 +826,44 @@ def preview(plan: ChainPlan, out: Path) -> ChainRun:
 def run_chain(plan: ChainPlan, out: Path, *, from_step: str | None = None, until: str | None = None,
               on_change: Callable[[ChainRun], None] | None = None) -> ChainRun:  # fmt: skip
     """Run the plan into OUT (see the module docstring). Returns the run; a failing step's error is
-    re-raised after run.json records it."""
-    from neodragon_cli.artifacts import read_state, verify_artifact
-    from neodragon_cli.atomic import write_json
-    from neodragon_cli.console import console
-
+    re-raised after run.json records it. OUT/report.md and report.json are written after every run
+    (`chain_report.write_report`), whatever its end."""
     first = plan.index_of(from_step, "--from") if from_step else len(plan.steps)
     last = plan.index_of(until, "--until") if until else len(plan.steps) - 1
     if first < len(plan.steps) and first > last:
         raise UsageError(f"--from {from_step} comes after --until {until}")
     check_chain_dir(out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        run = _run_steps(plan, out, first, last, on_change)
+    except BaseException:
+        _report_after_failure(out)
+        raise
+    from neodragon_cli.pipelines.chain_report import write_report
+
+    write_report(out)
+    return run
+
+
+def _report_after_failure(out: Path) -> None:
+    """The report of a run a failed or stopped step ended; a problem writing it is printed, and the
+    step's own error is the one raised."""
+    from neodragon_cli.console import console
+    from neodragon_cli.pipelines.chain_report import write_report
+
+    if not (out / RUN_FILE).is_file():
+        return
+    try:
+        write_report(out)
+    except Exception as exc:  # noqa: BLE001 -- the step's error matters more; this one is shown, not hidden
+        console.print(f"[yellow]the chain report was not written: {exc}[/]", highlight=False)
+
+
+def _run_steps(plan: ChainPlan, out: Path, first: int, last: int, on_change: Callable[[ChainRun], None] | None) -> ChainRun:
+    from neodragon_cli.artifacts import read_state, verify_artifact
+    from neodragon_cli.atomic import write_json
+    from neodragon_cli.console import console
+
     run = ChainRun(plan, out, [StepStatus(s.name, s.kind.command, s.recipe) for s in plan.steps])
     start = time.perf_counter()
 
@@ -732,7 +900,7 @@ def run_chain(plan: ChainPlan, out: Path, *, from_step: str | None = None, until
             console.rule(f"step {step.index + 1}/{len(plan.steps)}: {step.name} ({step.kind.command})"
                          + (" - resuming" if resume else ""))  # fmt: skip
             t0 = time.perf_counter()
-            ctx = StepContext(parent, step.config, folder, resume, plan.source.parent)
+            ctx = StepContext(parent, step.config, folder, resume, plan.source.parent, {s.name: out / s.folder_name for s in plan.steps})
             try:
                 outcome = step.kind.run(ctx)
             except BaseException as exc:

@@ -42,7 +42,16 @@ def one_line_exit_2(result, message: str) -> None:
     ({"export": {"command": "export", "options": {"opsett": 18}}}, [], "unknown key 'steps.export.options.opsett'"),
     ({"export": {"command": "export", "options": {"height": 64}}}, [], "give all of height, width and frames"),
     ({"export": {"command": "export", "recipe": "shapes/prune"}}, [], "export takes no recipe"),
-    ({"ev": {"command": "eval", "options": {"seeds": []}}}, [], "seeds must name at least one seed"),
+    ({"ev": {"command": "eval", "options": {"num_samples": 0}}}, [], "num_samples must be at least 1"),
+    ({"ev": {"command": "eval", "options": {"seeds": [0, 1]}}}, [], "unknown key 'steps.ev.options.seeds'"),
+    ({"a": {"command": "eval", "options": {"reference": "b"}}, "b": {"command": "eval"}}, [], "step 'b' is not an eval step before a"),
+    ({"te": TE, "ev": {"command": "eval", "options": {"reference": "te"}}}, [], "step 'te' is not an eval step before ev"),
+    ({"ev": {"command": "eval", "options": {"reference": "nowhere"}}}, [], "'nowhere' is neither an eval step of the chain nor a folder"),
+    ({"a": {"command": "eval", "options": {"num_samples": 1}}, "b": {"command": "eval", "options": {"num_samples": 2, "reference": "a"}}},
+     [], "eval step 'a' does not make every video of b"),
+    ({"a": {"command": "eval", "options": {"seed": 1}}, "b": {"command": "eval", "options": {"reference": "a"}}},
+     [], "eval step 'a' does not make every video of b"),
+    ({"te": TE}, ["--report", "--until", "te"], "--report runs nothing"),
     ({"p": {"command": "profile", "options": {"runs": 0}}}, [], "runs must be at least 1"),
     ({"q": {"command": "quantize", "options": {"scheme": "w4a16"}}}, [], "unknown scheme 'w4a16'"),
     ({"q": {"command": "quantize"}}, [], "quantize needs a parent that went through export"),
@@ -117,3 +126,23 @@ def test_step_overrides_reach_the_step_recipe(tmp_path):
     recipe = plan.steps[0].config
     assert (recipe.mode, recipe.train.max_steps, recipe.train.lr) == ("em", 7, 0.5)
     assert plan.steps[0].config_text.count("<the previous step's artifact>") == 1  # the key leaves the parent's path out
+
+
+def test_several_eval_steps_plan_and_a_reference_enters_the_key(tmp_path):
+    from neodragon_cli.pipelines.chain import load_plan
+
+    chain = chain_file(tmp_path, {"eval-teacher": {"command": "eval", "options": {"num_samples": 2}}, "te": TE,
+                                  "eval-te": {"command": "eval", "options": {"reference": "eval-teacher"}}, "prune": PRUNE,
+                                  "eval-prune": {"command": "eval", "options": {"num_samples": 2, "reference": "eval-teacher"}}})
+    plan = load_plan(chain)
+    assert [(s.name, s.kind.command) for s in plan.steps] == [("eval-teacher", "eval"), ("te", "distill-te"), ("eval-te", "eval"),
+                                                               ("prune", "prune"), ("eval-prune", "eval")]
+    changed = load_plan(chain, ["steps.eval-teacher.sampling.guidance=1.5"])
+    assert [a.config_text != b.config_text for a, b in zip(plan.steps, changed.steps)] == [True, False, True, False, True]
+
+
+def test_report_needs_a_chain_folder_and_writes_nothing_else(tmp_path):
+    chain = chain_file(tmp_path, {"te": TE})
+    out = tmp_path / "out"
+    one_line_exit_2(run(chain, "-o", str(out), "--report"), "holds no run.json: the chain has not run there")
+    assert not out.exists()

@@ -42,7 +42,7 @@ def write_chain(root: Path, parent: Path, *, export: bool = False) -> Path:
         "te": {"command": "distill-te", "recipe": "shapes/distill_te",
                "overrides": {**TE, "data": {**TE["data"], "files": [str(root / "prompts.txt")]}}},
         "prune": {"command": "prune", "recipe": "shapes/prune", "overrides": PRUNE},
-        "eval": {"command": "eval", "options": {"prompts": "prompts.txt", "seeds": [0]}},
+        "eval": {"command": "eval", "options": {"prompts": "prompts.txt", "seed": 0}},
     }
     if export:
         steps["export"] = {"command": "export"}
@@ -110,12 +110,13 @@ def test_runs_end_to_end_with_verified_linked_artifacts(chain, first):
 
 def test_a_second_run_with_nothing_changed_runs_no_step(chain, first, tmp_path):
     out = copy_of(first, tmp_path)  # a copy: keys hold content hashes, not paths
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.json"}
+    rewritten = ("run.json", "report.json", "report.md")  # the run's record and its report
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in rewritten}
     result = run(chain, out)
     assert result.exit_code == 0, result.output
     assert states(out) == {"te": "cached", "prune": "cached", "eval": "cached"}
     assert "0 ran, 3 cached" in result.output
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.json"} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in rewritten} == before
 
 
 def test_one_changed_override_reruns_that_step_and_the_later_ones(chain, first, tmp_path):
@@ -133,7 +134,7 @@ def test_one_changed_override_reruns_that_step_and_the_later_ones(chain, first, 
 
 def test_an_eval_option_change_reruns_only_the_eval(chain, first, tmp_path):
     out = copy_of(first, tmp_path)
-    result = run(chain, out, "steps.eval.seeds=[1]")
+    result = run(chain, out, "steps.eval.seed=1")
     assert result.exit_code == 0, result.output
     assert states(out) == {"te": "cached", "prune": "cached", "eval": "ran"}
 
@@ -201,12 +202,12 @@ def test_a_failed_step_is_recorded_and_the_next_run_continues(chain, first, tmp_
         raise RuntimeError("disk full")
 
     monkeypatch.setitem(chain_module.STEP_KINDS, "eval", dataclasses.replace(chain_module.STEP_KINDS["eval"], run=broken))
-    result = run(chain, out, "steps.eval.seeds=[2]")
+    result = run(chain, out, "steps.eval.seed=2")
     assert result.exit_code == 1 and "disk full" in result.output
     report = json.loads((out / "run.json").read_text())
     assert report["status"] == "failed" and report["steps"][2]["error"] == "RuntimeError: disk full"
     monkeypatch.undo()
-    result = run(chain, out, "steps.eval.seeds=[2]")
+    result = run(chain, out, "steps.eval.seed=2")
     assert result.exit_code == 0, result.output
     assert states(out) == {"te": "cached", "prune": "cached", "eval": "ran"}
 
