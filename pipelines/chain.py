@@ -23,10 +23,15 @@ exit code, and torch is imported once) into `OUT/NN-NAME/`:
     OUT/01-distill-te/artifact/      the artifact (`neodragon verify` passes; the next step's parent)
     OUT/01-distill-te/artifact.work/ a training command's checkpoints and caches (a resume continues them)
     OUT/04-eval/eval.json, videos/   a step that writes a report, not a model
+    OUT/report.md, report.json       the paper's tables for the run (`chain_report`), after every run
+
+An eval step makes the videos `neodragon generate --prompts-file --num-samples --seed` makes from the
+artifact before it and scores them as `neodragon eval` does; a chain may hold several (e.g. one after
+each stage, the later ones with `reference: eval-teacher` for PSNR / SSIM to the teacher's videos).
 
 The cache key of a step is a sha256 of its command and step version, the neodragon version, its
 resolved configuration (the recipe with the parent left out, or the options; an eval step's prompt
-list itself) and its parent's content hash (the `output` digest its artifact's state.json records, as
+list itself and what its reference is made of) and its parent's content hash (the `output` digest its artifact's state.json records, as
 `neodragon verify` checks it). A step whose `step.json` holds the same key and whose artifact still
 verifies is not run again. A step whose key matches but that did not finish (stopped, interrupted,
 failed) continues: a training step with its own resume from `artifact.work/`. A changed key starts the

@@ -160,6 +160,7 @@ class Stage:
     profiles: list[Step] = field(default_factory=list)
     params: dict[str, int | None] | None = None
     params_note: str | None = None
+    params_from: str | None = None  # the stage whose weights these are, when not this one's
 
     @property
     def done(self) -> bool:
@@ -203,8 +204,8 @@ def read_run(out: Path) -> tuple[dict, list[Step], list[Stage]]:
             continue
         stage.params = pipeline_parameters(stage.model)
         if stage.params is None and k > 0 and stages[k - 1].params is not None:  # ONNX graphs of the previous stage's weights
-            stage.params = stages[k - 1].params
-            stage.params_note = f"the parameters of {stages[k - 1].name}'s weights, which its graphs hold"
+            stage.params, stage.params_from = stages[k - 1].params, stages[k - 1].params_from or stages[k - 1].name
+            stage.params_note = f"the parameters of {stage.params_from}'s weights, which its graphs hold"
     if stages[0].model is None:
         stages[0].params_note = f"the model folder {model} is not there any more: its parameters are not counted"
     return run, steps, stages

@@ -239,6 +239,16 @@ def test_a_chain_through_export_evaluates_with_onnx_runtime(tmp_path):
     assert json.loads((out / "06-profile" / "profile.json").read_text())["target"]["kind"] == "quantized"
     assert json.loads((out / "07-eval-onnx" / "eval.json").read_text())["summary"]["runtime"] == "onnx"
     assert json.loads((out / "07-eval-onnx" / "step.json").read_text())["parent"] == str(quantized)
+    # the report's Table 9 quotes quantize.json; the graphs have the parameters of the weights they were exported from
+    report = json.loads((out / "report.json").read_text())
+    (table9,) = report["tables"]["table9"]["rows"]
+    recorded = json.loads((quantized / "quantize.json").read_text())
+    assert {name: g["sqnr_db"] for name, g in table9["graphs"].items()} == {name: e["sqnr_db"] for name, e in recorded["graphs"].items()}
+    rows = {row["stage"]: row for row in report["summary"]}
+    assert list(rows) == ["teacher", "+ text path", "+ pruning", "+ export", "+ quantization"]
+    assert rows["+ quantization"]["params_mmdit"] == rows["+ pruning"]["params_mmdit"] and rows["+ quantization"]["params_note"]
+    assert rows["+ quantization"]["runtime"] == "onnx" and rows["+ quantization"]["eval"] == "eval-onnx"
+    assert rows["+ export"]["eval"] is None and report["tables"]["table7"]["rows"][0]["target"] == "quantized"
 
 
 def test_a_profile_step_writes_the_report_of_its_parent(chain, tmp_path):
