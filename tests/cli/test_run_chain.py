@@ -146,3 +146,23 @@ def test_report_needs_a_chain_folder_and_writes_nothing_else(tmp_path):
     out = tmp_path / "out"
     one_line_exit_2(run(chain, "-o", str(out), "--report"), "holds no run.json: the chain has not run there")
     assert not out.exists()
+
+
+def test_the_shipped_chains_evals_make_the_readmes_held_out_videos(tmp_path):
+    """Every eval of shapes/neodragon_chain makes the videos of `generate --prompts-file heldout.txt
+    --num-samples 2 --seed 0`, heldout.txt being what `shapes prompts -n 100 --split heldout --seed 1` writes."""
+    from neodragon_cli.pipelines.chain import eval_videos, load_plan
+    from neodragon_cli.pipelines.flow.pipeline import sample_seed
+
+    heldout = tmp_path / "heldout.txt"
+    result = runner.invoke(app, ["shapes", "prompts", str(heldout), "-n", "100", "--split", "heldout", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    prompts = heldout.read_text().splitlines()
+    plan = load_plan("shapes/neodragon_chain")
+    evals = [s for s in plan.steps if s.kind.command == "eval"]
+    assert [s.name for s in evals] == ["eval-teacher", "eval-te", "eval-decoder", "eval-prune", "eval-step-distill", "eval"]
+    assert plan.steps[0].name == "eval-teacher" and plan.steps[-1].name == "eval"
+    expected = [(p, k, sample_seed(0, p, k)) for p in prompts for k in range(2)]
+    for step in evals:
+        assert [(v.prompt, v.sample, v.seed) for v in eval_videos(step.config, plan.source.parent)] == expected
+        assert step.config.reference == ("" if step.name == "eval-teacher" else "eval-teacher")
