@@ -3,7 +3,7 @@
 For each pipeline (a folder or an embedded name) whose `vae` role holds an encoder and a decoder: the
 decoder's parameters (with post_quant_conv), the wall time of decoding one whole 49-frame held-out video
 from its latents, streamed one latent frame per chunk as `neodragon generate` decodes (the best of
-`--repeats`), and the reconstruction of `--clips` held-out Shapes videos through the pipeline's own
+`--repeats` rounds in which the pipelines take turns), and the reconstruction of `--clips` held-out Shapes videos through the pipeline's own
 encoder: PSNR, SSIM and the judge's scores with every attribute stated (`judge_reconstructions`; the
 same scenes for every row). Distilled decoders keep the parent's encoder bit-identical, so every row
 decodes the same latents. The first pipeline is the reference of the speed ratios.
@@ -28,15 +28,17 @@ from neodragon_cli.pipelines.models.checkpoint import count_parameters
 
 
 @torch.no_grad()
-def decode_seconds(vae, frames, repeats: int) -> float:
-    """Best wall time of a streamed decode of the latents of `frames` (uint8 [T, H, W, 3])."""
-    latents = vae.encode(channels_last(video_tensor(frames)[None])).mode()
-    best = float("inf")
+def decode_seconds(vaes: list, frames, repeats: int) -> list[float]:
+    """Best wall time per VAE of a streamed decode of the latents of `frames` (uint8 [T, H, W, 3]); the
+    VAEs take turns in each round, so a change in the machine's load reaches every row alike."""
+    latents = [vae.encode(channels_last(video_tensor(frames)[None])).mode() for vae in vaes]
+    best = [float("inf")] * len(vaes)
     for _ in range(repeats):
-        started = time.perf_counter()
-        for _chunk in vae.stream_decode(latents[:, :, i : i + 1] for i in range(latents.shape[2])):
-            pass
-        best = min(best, time.perf_counter() - started)
+        for i, (vae, z) in enumerate(zip(vaes, latents)):
+            started = time.perf_counter()
+            for _chunk in vae.stream_decode(z[:, :, t : t + 1] for t in range(z.shape[2])):
+                pass
+            best[i] = min(best[i], time.perf_counter() - started)
     return best
 
 
@@ -44,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="pipeline folders or embedded names; the first is the reference")
     parser.add_argument("--clips", type=int, default=20, help="held-out videos reconstructed and judged")
-    parser.add_argument("--repeats", type=int, default=3, help="timed decodes per pipeline (the best counts)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, each decoding once with every pipeline (the best counts)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
@@ -52,12 +54,13 @@ def main() -> None:
 
     world = WorldSection()  # the Shapes world the teacher was trained on: 49 x 128 x 128
     _, _, timed_video = ShapesVideoDataset(world.world(), length=1, seed=world.seed + 9_999, split="heldout").item(0)
+    vaes = [load_parent(model).vae for model in args.models]
+    seconds = decode_seconds(vaes, timed_video, args.repeats)
     rows = []
-    for model in args.models:
-        vae = load_parent(model).vae
+    for model, vae, decode_s in zip(args.models, vaes, seconds):
         row = {"model": model, "decoder": type(vae).__name__,
                "params_decoder": count_parameters(vae.decoder) + count_parameters(vae.post_quant_conv),
-               "decode_s": decode_seconds(vae, timed_video, args.repeats),
+               "decode_s": decode_s,
                "reconstruction": judge_reconstructions(vae, world, args.clips, precision="fp32")}
         rows.append(row)
         r = row["reconstruction"]
