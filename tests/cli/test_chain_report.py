@@ -214,7 +214,9 @@ def test_eval_steps_make_the_videos_generate_makes_and_score_them_as_eval_does(c
     result = run(path, root / "out")
     assert result.exit_code == 0, result.output
     summary = read(root / "out" / "01-eval" / "eval.json")["summary"]
-    assert summary["ssim"] == pytest.approx(1.0) and summary["psnr"] is None and summary["total"] == evaluation["summary"]["total"]
+    # the same frames score the same up to float32 rounding in the judge's proxies (threads may change the sum order)
+    assert summary["ssim"] == pytest.approx(1.0) and summary["psnr"] is None
+    assert summary["total"] == pytest.approx(evaluation["summary"]["total"], abs=1e-6)
     # a reference that lacks a video of the step is refused before anything runs
     path = write_chain(root, Path(model), {"eval": {"command": "eval", "options": {**EVAL, "num_samples": 3, "reference": str(generated)}}})
     result = run(path, root / "again")
