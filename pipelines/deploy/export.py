@@ -216,7 +216,8 @@ def mmdit_graphs(model, geometry_latent: tuple[int, int], num_latents: int, call
             embedded = model.context_embedder(text)
         specs.append(GraphSpec("mmdit_context", "mmdit", model.context_embedder, ["text"], [{"text_embeds": text}], [[embedded]]))
     for stage in range(num_stages):
-        layout = StageLayout.for_video(stage, num_stages, geometry_latent, num_latents, text_length, model.patch_size)
+        layout = StageLayout.for_video(stage, num_stages, geometry_latent, num_latents, text_length, model.patch_size,
+                                       interval=model.interval_conditioning)
         cases, references = [], []
         for kwargs, output in by_stage.get(layout.level_sizes[-1], []):
             with torch.no_grad():
@@ -225,7 +226,9 @@ def mmdit_graphs(model, geometry_latent: tuple[int, int], num_latents: int, call
                 mask = kwargs["encoder_attention_mask"]
                 valid = torch.ones(text.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
                 t = torch.as_tensor(kwargs["timestep_ratio"]).reshape(1)
-                cases.append(host.inputs(layout, kwargs["sample"][0], text, valid, t, kwargs["pooled_projections"], fill))
+                end = kwargs.get("timestep_end")
+                end = None if end is None else torch.as_tensor(end).reshape(1)
+                cases.append(host.inputs(layout, kwargs["sample"][0], text, valid, t, kwargs["pooled_projections"], fill, end))
             references.append([output.float()])
         if not cases:
             raise UsageError(f"no recorded call of stage {stage} at latent size {layout.level_sizes[-1]}")

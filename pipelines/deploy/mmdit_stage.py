@@ -60,21 +60,23 @@ class StageLayout:
     """The fixed shapes of one stage graph (batch 1).
 
     level_sizes: latent (H, W) of levels 0..stage (the last is the current clip's);
-    level_frames: padded history frame count per level (the largest history of the video)."""
+    level_frames: padded history frame count per level (the largest history of the video);
+    interval: a Mean-Flows MMDiT's graph, which also takes the embedding of the step's length."""
 
     stage: int
     level_sizes: tuple[tuple[int, int], ...]
     level_frames: tuple[int, ...]
     text_length: int
     patch_size: int
+    interval: bool = False
 
     @classmethod
     def for_video(cls, stage: int, num_stages: int, latent_size: tuple[int, int], num_latents: int,
-                  text_length: int, patch_size: int) -> "StageLayout":  # fmt: skip
+                  text_length: int, patch_size: int, interval: bool = False) -> "StageLayout":  # fmt: skip
         """Stage `stage` of a video of `num_latents` latent frames of full-resolution `latent_size`."""
         h, w = latent_size
         sizes = tuple((h >> (num_stages - 1 - level), w >> (num_stages - 1 - level)) for level in range(stage + 1))
-        return cls(stage, sizes, tuple(history_levels(num_latents - 1, stage)), text_length, patch_size)
+        return cls(stage, sizes, tuple(history_levels(num_latents - 1, stage)), text_length, patch_size, interval)
 
     def tokens_per_frame(self, level: int) -> int:
         h, w = self.level_sizes[level]
@@ -92,7 +94,7 @@ class StageLayout:
     @property
     def input_names(self) -> list[str]:
         return ["latents", *self.history_names, "text", "attention_bias", "rope_cos", "rope_sin", "positions",
-                "timestep_embedding", "pooled"]  # fmt: skip
+                "timestep_embedding", *(["interval_embedding"] if self.interval else []), "pooled"]  # fmt: skip
 
     def describe(self) -> str:
         levels = ", ".join(f"level {lv}: {f} x {self.level_sizes[lv][0]}x{self.level_sizes[lv][1]}" for lv, f in enumerate(self.level_frames))
@@ -123,12 +125,16 @@ class StageHost:
                     interp_condition_pos=self.interp_condition_pos, causal=self.causal)  # fmt: skip
 
     def inputs(self, layout: StageLayout, clips: Sequence[torch.Tensor], text: torch.Tensor, text_valid: torch.Tensor,
-               timestep: torch.Tensor, pooled: torch.Tensor, fill: float = DEFAULT_MASK_FILL) -> dict[str, torch.Tensor]:  # fmt: skip
+               timestep: torch.Tensor, pooled: torch.Tensor, fill: float = DEFAULT_MASK_FILL,
+               timestep_end: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         """The graph's inputs (float32, batch 1) for one unpadded call.
 
         clips: history clips oldest first then the current clip, each [1, C, T_i, H_i, W_i] (as the
         sampler passes them); text [1, L, D] (after the context embedder / ContextAdapter);
-        text_valid [1, L] bool; timestep [1] (0..1000); pooled [1, P]."""
+        text_valid [1, L] bool; timestep [1] (0..1000); pooled [1, P]; timestep_end [1], the step's end,
+        only and always for a Mean-Flows graph (`layout.interval`)."""
+        if (timestep_end is not None) != layout.interval:
+            raise UsageError("a Mean-Flows stage graph needs the step's end (timestep_end); other graphs take none")
         p = self.patch_size
         current = clips[-1]
         if tuple(current.shape[-2:]) != layout.level_sizes[-1] or text.shape[1] != layout.text_length:
@@ -171,6 +177,8 @@ class StageHost:
             timestep_embedding=timestep_sinusoid(timestep.float().reshape(1)),
             pooled=pooled.float(),
         )
+        if layout.interval:
+            inputs["interval_embedding"] = timestep_sinusoid((timestep.float() - timestep_end.float()).reshape(1))
         return {name: inputs[name].contiguous() for name in layout.input_names}
 
 
@@ -263,6 +271,8 @@ class StageGraph(nn.Module):
         x = torch.cat([self._tokens(clip) for clip in clips], dim=1) + named["positions"]
         embed = model.time_text_embed
         temb = embed.timestep_embedder(named["timestep_embedding"]) + embed.text_embedder(named["pooled"])
+        if self.layout.interval:
+            temb = temb + embed.interval_embedder(named["interval_embedding"])
         text, rope = named["text"], (named["rope_cos"], named["rope_sin"])
         for block in model.transformer_blocks:
             x, text = block(x, text, temb, named["attention_bias"], rope, None)

@@ -104,9 +104,12 @@ class OnnxMMDiT(nn.Module):
             if name.startswith("mmdit_stage"):
                 layout = StageLayout(**{k: _tuples(v) for k, v in entry["notes"]["layout"].items()})
                 self.stages[layout.level_sizes[-1]] = (layout, session_factory(folder / entry["file"]))
+        if any(layout.interval for layout, _ in self.stages.values()):  # the sampler passes the step's end
+            self.config["interval_conditioning"] = True
         self.dtype_marker = nn.Parameter(torch.zeros(0), requires_grad=False)
 
-    def forward(self, sample, encoder_hidden_states, encoder_attention_mask, pooled_projections, timestep_ratio):
+    def forward(self, sample, encoder_hidden_states, encoder_attention_mask, pooled_projections, timestep_ratio,
+                timestep_end=None):
         (clips,) = sample
         size = tuple(clips[-1].shape[-2:])
         if size not in self.stages:
@@ -117,10 +120,12 @@ class OnnxMMDiT(nn.Module):
         rows = text.shape[0]
         mask = torch.ones(text.shape[:2]) if encoder_attention_mask is None else encoder_attention_mask
         t = torch.as_tensor(timestep_ratio).float().expand(rows)
+        end = None if timestep_end is None else torch.as_tensor(timestep_end).float().expand(rows)
         outputs = []
         for r in range(rows):
             inputs = self.host.inputs(layout, [c[r : r + 1] for c in clips], text[r : r + 1], mask[r : r + 1].bool(),
-                                      t[r : r + 1], pooled_projections[r : r + 1], self.fill)  # fmt: skip
+                                      t[r : r + 1], pooled_projections[r : r + 1], self.fill,
+                                      None if end is None else end[r : r + 1])  # fmt: skip
             outputs.append(onnx_tools.run(session, inputs)[0])
         return [torch.cat(outputs)]
 

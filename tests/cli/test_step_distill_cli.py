@@ -90,6 +90,26 @@ def test_runs_of_two_methods_share_one_synthetic_cache(parent, tmp_path):
     assert {path: path.stat().st_mtime_ns for path in cache.glob("shard-*.safetensors")} == shards  # reused, not rewritten
 
 
+@pytest.mark.slow
+def test_a_mean_flows_student_exports_and_onnx_runtime_reproduces_its_video(parent, tmp_path):
+    """The stage graphs of a Mean-Flows student take the step's length (`interval_embedding`), which the
+    ONNX pipeline computes from the end of each step the sampler passes."""
+    from neodragon_cli.pipelines.deploy.runtime import load_onnx_pipeline
+    from neodragon_cli.pipelines.flow.pipeline import VideoPipeline
+
+    out, exported = tmp_path / "mf", tmp_path / "exported"
+    assert distill(parent, out, "mean_flows", "train.max_steps=1", "schedule=1-1-1").exit_code == 0
+    result = runner.invoke(app, ["export", str(out), "-o", str(exported)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((exported / "export.json").read_text())
+    assert "interval_embedding" in [i["name"] for i in manifest["graphs"]["mmdit_stage2"]["inputs"]]
+    torch_pipe, onnx_pipe = VideoPipeline.from_pretrained(out), load_onnx_pipeline(exported)
+    reference = torch_pipe.generate("a red circle moving left", torch_pipe.settings(), seed=3).frames
+    frames = onnx_pipe.generate("a red circle moving left", onnx_pipe.settings(), seed=3).frames
+    assert reference.shape == frames.shape
+    assert (np.abs(reference.astype(int) - frames.astype(int)) <= 2).mean() >= 0.999
+
+
 @pytest.mark.parametrize("method", ["dmd", "mean_flows"])
 def test_the_output_generates_with_its_schedule_by_default_and_in_hybrid_mode(parent, tmp_path, method):
     """(mean-flows: the saved MMDiT refuses a call without the step's end, so this also checks that the

@@ -18,12 +18,12 @@ from neodragon_cli.pipelines.models.mmdit import PyramidFlowMMDiT
 LATENTS, SIZE, TEXT = 7, 16, 6
 
 
-def tiny_mmdit(context_embedder: bool) -> PyramidFlowMMDiT:
+def tiny_mmdit(context_embedder: bool, interval: bool = False) -> PyramidFlowMMDiT:
     torch.manual_seed(0)
     model = PyramidFlowMMDiT(
         sample_size=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32,
         pooled_projection_dim=8, pos_embed_max_size=16, joint_attention_dim=24, in_channels=4,
-        use_context_embedder=context_embedder,
+        use_context_embedder=context_embedder, interval_conditioning=interval,
     ).eval()  # fmt: skip
     for p in model.parameters():  # AdaLN-Zero starts as the identity: give every weight a value
         torch.nn.init.normal_(p, std=0.2)
@@ -31,7 +31,8 @@ def tiny_mmdit(context_embedder: bool) -> PyramidFlowMMDiT:
 
 
 def every_history_call(model: PyramidFlowMMDiT) -> list[tuple[dict, torch.Tensor]]:
-    """One unpadded call per (stage, history length 0..6), with its PyTorch output."""
+    """One unpadded call per (stage, history length 0..6), with its PyTorch output (a Mean-Flows model
+    gets a step end 150 below its timestep)."""
     video = torch.randn(1, 4, LATENTS, SIZE, SIZE)
     pyramid = latent_pyramid(video, 3)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
@@ -44,6 +45,8 @@ def every_history_call(model: PyramidFlowMMDiT) -> list[tuple[dict, torch.Tensor
                 encoder_hidden_states=torch.randn(1, TEXT, model.text_width), encoder_attention_mask=mask,
                 pooled_projections=torch.randn(1, 8), timestep_ratio=torch.tensor([900.0 - 100 * stage]),
             )  # fmt: skip
+            if model.interval_conditioning:
+                kwargs["timestep_end"] = kwargs["timestep_ratio"] - 150.0
             with torch.no_grad():
                 calls.append((kwargs, model(**kwargs)[0]))
     return calls
@@ -80,6 +83,20 @@ def test_padded_stage_graphs_equal_the_unpadded_model_for_every_history_length(t
     assert shapes["history_0"] == [1, 4, 4, 4, 4] and shapes["latents"] == [1, 4, 1, 16, 16]
     assert shapes["rope_cos"] == [4 * 4 + 16 + 64 + 64, 1, 16]  # rank 3, padded video tokens
     assert ("mmdit_context" in entries) == context_embedder
+
+
+def test_a_mean_flows_mmdit_exports_with_the_step_end_as_an_input(tmp_path):
+    model = tiny_mmdit(False, interval=True)  # every weight random, the step-length embedding included
+    calls = every_history_call(model)
+    entries = write_graphs(mmdit_graphs(model, (SIZE, SIZE), LATENTS, calls), tmp_path, min_sqnr_db=60)
+    for stage in range(3):
+        entry = entries[f"mmdit_stage{stage}"]
+        assert "interval_embedding" in [i["name"] for i in entry["inputs"]]
+        assert min(o["sqnr_db"] for o in entry["validation"]["outputs"].values()) >= 60
+    kwargs, output = calls[-1]  # the step's length matters, so the graph must be fed it
+    with torch.no_grad():
+        other = model(**{**kwargs, "timestep_end": kwargs["timestep_ratio"] - 600.0})[0]
+    assert onnx_tools.sqnr_db(output, other) < 40
 
 
 def test_validation_failure_is_reported_with_the_graph_name(tmp_path):
